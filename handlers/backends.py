@@ -1,0 +1,140 @@
+"""Runners for exported models: ONNX Runtime or TorchScript, on CUDA when there is one.
+
+A runner maps a float32 batch [N, 1, H, W] to logits [N, 1] (BCE head) or [N, 2] (CE head);
+`pneumonia_probability` turns either into P(PNEUMONIA). The model's ModelCard rides inside
+the file (ONNX metadata_props / TorchScript extra file) and is read back here.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+
+from handlers.schemas import Backend, Head, ModelCard
+
+log = logging.getLogger(__name__)
+
+CARD_KEY = "xray_card"  # ONNX metadata_props key and TorchScript extra-file name
+INPUT_NAME = "image"
+OUTPUT_NAME = "logits"
+
+
+class ModelFileError(RuntimeError):
+    """A model file that is missing, corrupt, or not one of ours."""
+
+
+def pneumonia_probability(logits: np.ndarray, head: Head) -> np.ndarray:
+    """Logits [N, 1] (sigmoid) or [N, 2] (softmax) -> P(PNEUMONIA) as float64 [N]."""
+    logits = np.asarray(logits, dtype=np.float64)
+    expected = 1 if head == "bce" else 2
+    if logits.ndim != 2 or logits.shape[1] != expected:
+        raise ValueError(f"{head} head expects logits [N, {expected}], got {logits.shape}")
+    # softmax(l)[1] == sigmoid(l1 - l0): both heads reduce to the sigmoid of a margin.
+    margin = logits[:, 0] if head == "bce" else logits[:, 1] - logits[:, 0]
+    return 1.0 / (1.0 + np.exp(-np.clip(margin, -500.0, 500.0)))
+
+
+def cuda_available() -> bool:
+    try:
+        import torch
+    except ImportError:
+        return False
+    return torch.cuda.is_available()
+
+
+class Runner(Protocol):
+    card: ModelCard
+    backend: Backend
+    device: str
+
+    def __call__(self, batch: np.ndarray) -> np.ndarray: ...
+
+
+class OnnxRunner:
+    backend: Backend = "onnxruntime"
+
+    def __init__(self, path: str | Path, gpu_id: int | None = None, threads: int = 0) -> None:
+        import onnxruntime as ort
+
+        path = Path(path)
+        if not path.is_file():
+            raise ModelFileError(f"ONNX model not found: {path}")
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
+        providers: list = ["CPUExecutionProvider"]
+        if gpu_id is not None and cuda_available():
+            providers.insert(0, ("CUDAExecutionProvider", {"device_id": int(gpu_id)}))
+        try:
+            self.session = ort.InferenceSession(str(path), options, providers=providers)
+        except Exception as exc:
+            raise ModelFileError(f"{path} is not a loadable ONNX model: {exc}") from exc
+        # ORT silently falls back to the CPU when CUDA cannot start: report what really runs.
+        self.providers = self.session.get_providers()
+        self.device = f"cuda:{gpu_id}" if "CUDAExecutionProvider" in self.providers else "cpu"
+        meta = self.session.get_modelmeta().custom_metadata_map
+        self.card = _parse_card(meta.get(CARD_KEY), path)
+        self._check_io(path)
+
+    def _check_io(self, path: Path) -> None:
+        inputs, outputs = self.session.get_inputs(), self.session.get_outputs()
+        if [i.name for i in inputs] != [INPUT_NAME] or outputs[0].name != OUTPUT_NAME:
+            raise ModelFileError(f"{path}: expected input '{INPUT_NAME}' and output '{OUTPUT_NAME}'")
+        shape = inputs[0].shape
+        size = self.card.input_size
+        if len(shape) != 4 or list(shape[1:]) != [1, size, size]:
+            raise ModelFileError(f"{path}: input shape {shape} does not match card input_size {size}")
+
+    def __call__(self, batch: np.ndarray) -> np.ndarray:
+        return self.session.run([OUTPUT_NAME], {INPUT_NAME: np.ascontiguousarray(batch, np.float32)})[0]
+
+
+class TorchScriptRunner:
+    backend: Backend = "torchscript"
+
+    def __init__(self, path: str | Path, gpu_id: int | None = None, threads: int = 0) -> None:
+        import torch
+
+        path = Path(path)
+        if not path.is_file():
+            raise ModelFileError(f"TorchScript model not found: {path}")
+        self.device = f"cuda:{gpu_id}" if gpu_id is not None and torch.cuda.is_available() else "cpu"
+        extra = {CARD_KEY: ""}
+        try:
+            self.module = torch.jit.load(str(path), map_location=self.device, _extra_files=extra).eval()
+        except Exception as exc:
+            raise ModelFileError(f"{path} is not a loadable TorchScript model: {exc}") from exc
+        if threads:
+            torch.set_num_threads(threads)
+        self.card = _parse_card(extra[CARD_KEY] or None, path)
+
+    def __call__(self, batch: np.ndarray) -> np.ndarray:
+        import torch
+
+        with torch.inference_mode():
+            x = torch.from_numpy(np.ascontiguousarray(batch, np.float32)).to(self.device)
+            return self.module(x).float().cpu().numpy()
+
+
+def _parse_card(raw: str | bytes | None, path: Path) -> ModelCard:
+    if not raw:
+        raise ModelFileError(f"{path} carries no '{CARD_KEY}' metadata: was it written by `make export`?")
+    try:
+        return ModelCard.model_validate(json.loads(raw))
+    except Exception as exc:
+        raise ModelFileError(f"{path}: its '{CARD_KEY}' metadata is invalid: {exc}") from exc
+
+
+def load_runner(
+    path: str | Path, backend: Backend | None = None, gpu_id: int | None = None, threads: int = 0
+) -> Runner:
+    """Open an exported model; the backend follows the file suffix unless given."""
+    path = Path(path)
+    backend = backend or ("onnxruntime" if path.suffix == ".onnx" else "torchscript")
+    runner_cls = OnnxRunner if backend == "onnxruntime" else TorchScriptRunner
+    runner = runner_cls(path, gpu_id=gpu_id, threads=threads)
+    log.info("loaded %s with %s on %s", path.name, backend, runner.device)
+    return runner

@@ -1,0 +1,82 @@
+"""Plain helpers for the tests (fixtures live in conftest.py)."""
+
+from __future__ import annotations
+
+import io
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from serving.settings import ServeSettings, read_keys
+
+REPO = Path(__file__).resolve().parents[1]
+CLASSES = ("NORMAL", "PNEUMONIA")
+
+
+def synthetic_xray(label: int, rng: np.random.Generator, size: int = 224) -> np.ndarray:
+    """A chest-like uint8 image: two dark lung fields; PNEUMONIA adds bright hazy patches."""
+    yy, xx = np.mgrid[0:size, 0:size] / size
+    img = 0.75 - 0.15 * yy + rng.normal(0, 0.04, (size, size))
+    for cx in (0.32, 0.68):
+        img -= 0.4 * np.exp(-(((xx - cx) / 0.13) ** 2 + ((yy - 0.5) / 0.25) ** 2))
+    if label == 1:
+        for _ in range(rng.integers(2, 5)):
+            cx, cy = rng.choice([0.32, 0.68]) + rng.normal(0, 0.05), rng.uniform(0.35, 0.7)
+            img += 0.3 * np.exp(-(((xx - cx) / 0.07) ** 2 + ((yy - cy) / 0.07) ** 2))
+    return (np.clip(img, 0, 1) * 255).astype(np.uint8)
+
+
+def make_image_folder(root: Path, counts: dict[str, tuple[int, int]], seed: int = 0) -> Path:
+    rng = np.random.default_rng(seed)
+    for split, per_class in counts.items():
+        for label, n in enumerate(per_class):
+            folder = root / split / CLASSES[label]
+            folder.mkdir(parents=True, exist_ok=True)
+            for i in range(n):
+                Image.fromarray(synthetic_xray(label, rng)).save(folder / f"synth-{i:04d}.jpeg", quality=95)
+    return root
+
+
+def png_bytes(arr: np.ndarray, **save_args: object) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="PNG", **save_args)
+    return buf.getvalue()
+
+
+def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 900) -> subprocess.CompletedProcess:
+    """Run `python -m ...` as a user would; fail the test with its output when it fails."""
+    proc = subprocess.run([sys.executable, "-m", *args], cwd=REPO, capture_output=True, text=True,
+                          timeout=timeout, env={**os.environ, **(env or {})})
+    if proc.returncode != 0:
+        pytest.fail(f"python -m {' '.join(args)} exited {proc.returncode}\n{proc.stdout[-4000:]}\n"
+                    f"{proc.stderr[-4000:]}")
+    return proc
+
+
+def free_ports(n: int) -> list[int]:
+    socks = [socket.socket() for _ in range(n)]
+    try:
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+def serve_settings(root: Path, model_store: Path) -> ServeSettings:
+    ports = free_ports(6)
+    return ServeSettings(inference_port=ports[0], management_port=ports[1], metrics_port=ports[2],
+                         grpc_inference_port=ports[3], grpc_management_port=ports[4],
+                         initial_worker_port=ports[5] + 20000 if ports[5] < 40000 else ports[5] - 20000,
+                         model_store=model_store, state_dir=root / "state", log_dir=root / "logs")
+
+
+def keys(settings: ServeSettings) -> dict[str, str]:
+    return read_keys(settings.key_file)

@@ -1,0 +1,148 @@
+"""A real TorchServe, started by serving.launcher on free loopback ports, over real HTTP."""
+
+from __future__ import annotations
+
+import io
+import json
+import re
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+from PIL import Image
+
+from handlers.schemas import ErrorBody, Prediction
+from serving import launcher
+from serving.settings import REPO_ROOT, ServeSettings
+from tests.helpers import keys, serve_settings
+
+pytestmark = [pytest.mark.server, pytest.mark.slow]
+
+
+def predict(settings: ServeSettings, body: bytes, token: str | None = "auto", **kw: object) -> httpx.Response:
+    headers = dict(kw.pop("headers", {}))  # type: ignore[arg-type]
+    if token == "auto":
+        token = keys(settings)["inference"]
+    if token:
+        headers["Authorization"] = f"Bearer {token}"
+    return httpx.post(f"{settings.inference_url}/predictions/xray", content=body if not kw.get("files") else None,
+                      headers=headers, timeout=60, **kw)
+
+
+def metric_value(settings: ServeSettings, name: str) -> float:
+    text = httpx.get(f"{settings.metrics_url}/metrics", timeout=10).text
+    values = [float(m.group(1)) for m in re.finditer(rf"^{name}{{[^}}]*}} ([0-9.eE+-]+)$", text, re.M)]
+    return sum(values)
+
+
+def test_png_and_jpeg_answer_with_the_schema(server: ServeSettings, sample_jpeg: bytes) -> None:
+    gray = np.asarray(Image.open(io.BytesIO(sample_jpeg)))
+    buf = io.BytesIO()
+    Image.fromarray(gray).save(buf, "PNG")
+    answers = []
+    for body in (sample_jpeg, buf.getvalue()):
+        r = predict(server, body)
+        assert r.status_code == 200, r.text
+        assert r.headers["content-type"].startswith("application/json")
+        answers.append(Prediction.model_validate(r.json()))
+    jpeg, png = answers
+    assert jpeg.backend == "onnxruntime" and jpeg.device == "cpu" and jpeg.model
+    assert abs(sum(jpeg.probabilities.values()) - 1) < 1e-6
+    assert jpeg.label == ("PNEUMONIA" if jpeg.probability >= jpeg.threshold else "NORMAL")
+    # A PNG of the decoded JPEG pixels is the same image: the same answer.
+    assert png.probability == pytest.approx(jpeg.probability, abs=1e-6)
+
+
+def test_multipart_fields_data_and_file(server: ServeSettings, sample_jpeg: bytes) -> None:
+    raw = Prediction.model_validate(predict(server, sample_jpeg).json())
+    for field in ("data", "file"):
+        r = predict(server, b"", files={field: ("x.jpeg", sample_jpeg, "image/jpeg")})
+        assert r.status_code == 200, r.text
+        assert Prediction.model_validate(r.json()).probability == pytest.approx(raw.probability, abs=1e-9)
+    r = predict(server, b"", files={"image": ("x.jpeg", sample_jpeg, "image/jpeg")})
+    assert r.status_code == 400
+    assert ErrorBody.model_validate(r.json()).type == "missing_field"
+
+
+def test_concurrent_requests_are_batched_and_bad_ones_answered_alone(server: ServeSettings, sample_jpeg: bytes) -> None:
+    batches0, requests0 = metric_value(server, "XrayBatches"), metric_value(server, "XrayRequests")
+    bodies = [sample_jpeg] * 7 + [b"this is not an image"]
+    with ThreadPoolExecutor(len(bodies)) as pool:
+        responses = list(pool.map(lambda b: predict(server, b), bodies))
+    statuses = [r.status_code for r in responses]
+    assert statuses == [200] * 7 + [415], [r.text for r in responses]
+    probs = {Prediction.model_validate(r.json()).probability for r in responses[:7]}
+    assert max(probs) - min(probs) < 1e-6  # the same image gets the same answer inside a batch
+    err = ErrorBody.model_validate(responses[-1].json())
+    assert err.code == 415 and err.type == "unsupported_media_type" and err.message
+    batches = metric_value(server, "XrayBatches") - batches0
+    requests = metric_value(server, "XrayRequests") - requests0
+    assert requests == len(bodies)
+    assert batches < requests, f"{requests} concurrent requests ran in {batches} batches: no batching"
+
+
+def test_token_is_required(server: ServeSettings, sample_jpeg: bytes) -> None:
+    for token in (None, "wrong-token", keys(server)["management"]):
+        r = predict(server, sample_jpeg, token=token)
+        # TorchServe 0.12 answers a missing or wrong token with 400 InvalidKeyException.
+        assert r.status_code in (400, 401), r.text
+        assert "InvalidKeyException" in r.text
+    r = httpx.get(f"{server.management_url}/models", timeout=10)
+    assert r.status_code in (400, 401) and "InvalidKeyException" in r.text
+
+
+def test_model_api_is_off(server: ServeSettings) -> None:
+    headers = {"Authorization": f"Bearer {keys(server)['management']}"}
+    r = httpx.post(f"{server.management_url}/models", params={"url": "xray.mar"}, headers=headers, timeout=10)
+    assert r.status_code == 405, r.text
+    r = httpx.get(f"{server.management_url}/models/xray", headers=headers, timeout=10)
+    assert r.status_code == 200 and r.json()[0]["batchSize"] == 8
+
+
+def test_every_address_is_loopback(server: ServeSettings) -> None:
+    props = dict(line.split("=", 1) for line in (server.state_dir / "config.properties").read_text().splitlines())
+    for key in ("inference_address", "management_address", "metrics_address"):
+        assert props[key].startswith("http://127.0.0.1:")
+    assert props["grpc_inference_address"] == props["grpc_management_address"] == "127.0.0.1"
+    assert props["enable_model_api"] == "false" and props["disable_token_authorization"] == "false"
+
+
+def test_committed_config_is_the_rendered_default() -> None:
+    assert (REPO_ROOT / "serving" / "config.properties").read_text() == ServeSettings().properties()
+
+
+def test_served_probabilities_equal_offline_onnx(server: ServeSettings, export_dir: Path, data_dir: Path) -> None:
+    offline = json.loads((export_dir / "predictions_cnn.json").read_text())["predictions"]
+    assert len(offline) >= 100
+
+    def served(item: dict) -> tuple[dict, httpx.Response]:
+        return item, predict(server, (data_dir / item["file"]).read_bytes())
+
+    with ThreadPoolExecutor(16) as pool:
+        results = list(pool.map(served, offline))
+    bad = [(item["file"], r.status_code) for item, r in results if r.status_code != 200]
+    assert not bad, bad[:5]
+    diffs = [abs(Prediction.model_validate(r.json()).probability - item["probability"]) for item, r in results]
+    assert max(diffs) <= 1e-5, f"max |served - offline| = {max(diffs)}"
+    labels = [(Prediction.model_validate(r.json()).label, item["predicted"]) for item, r in results]
+    assert all(a == b for a, b in labels)
+
+
+def test_a_second_instance_starts_beside_and_stops_cleanly(tmp_path: Path, model_store: Path,
+                                                          server: ServeSettings, sample_jpeg: bytes) -> None:
+    other = serve_settings(tmp_path, model_store).resolved()
+    launcher.start(other, timeout=300)
+    try:
+        assert predict(other, sample_jpeg).status_code == 200
+        assert predict(server, sample_jpeg).status_code == 200  # the first one is untouched
+        pid = launcher.server_pid(other)
+        assert pid
+    finally:
+        assert launcher.stop(other) is True
+    assert launcher.server_pid(other) is None
+    with pytest.raises(httpx.TransportError):
+        httpx.get(f"{other.inference_url}/ping", timeout=2)
+    assert not other.key_file.exists()
+    assert predict(server, sample_jpeg).status_code == 200

@@ -1,0 +1,105 @@
+"""The course's models and ours, each a plain nn.Module with a BCE (1 logit) or CE (2 logits) head.
+
+    mlp      MLP (ANN): flatten -> [Linear, ReLU, Dropout] x len(hidden) -> Linear
+    bn_mlp   deeper MLP: [Linear, BatchNorm1d, ReLU, Dropout] x 4 -> Linear
+    cnn      course CNN: 3 x [Conv 32 3x3, ReLU, MaxPool p] -> FC 32 -> out
+    gap_cnn  the same conv stack -> AdaptiveAvgPool2d(1) -> FC 32 -> out
+    xraynet  ours: 5 x [Conv 3x3, BatchNorm, ReLU, MaxPool 2], 8..128 channels -> GAP -> out
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+
+class MLP(nn.Module):
+    def __init__(self, input_size: int, n_out: int, hidden: tuple[int, ...] = (512, 128),
+                 dropout: float = 0.5, batchnorm: bool = False) -> None:
+        super().__init__()
+        layers: list[nn.Module] = [nn.Flatten()]
+        width = input_size * input_size
+        for h in hidden:
+            layers += [nn.Linear(width, h)]
+            layers += [nn.BatchNorm1d(h)] if batchnorm else []
+            layers += [nn.ReLU(inplace=True), nn.Dropout(dropout)]
+            width = h
+        layers.append(nn.Linear(width, n_out))
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+class CourseCNN(nn.Module):
+    """3 conv layers of 32 3x3 kernels, each ReLU + max-pool, then FC 32 (flattened or after GAP)."""
+
+    def __init__(self, input_size: int, n_out: int, channels: int = 32, n_conv: int = 3, pool: int = 2,
+                 fc: int = 32, dropout: float = 0.0, gap: bool = False) -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        c_in, side = 1, input_size
+        for _ in range(n_conv):
+            layers += [nn.Conv2d(c_in, channels, 3, padding=1), nn.ReLU(inplace=True), nn.MaxPool2d(pool)]
+            c_in, side = channels, side // pool
+        if side < 1:
+            raise ValueError(f"input {input_size} px is too small for {n_conv} pools of {pool}")
+        self.features = nn.Sequential(*layers)
+        self.pool = nn.AdaptiveAvgPool2d(1) if gap else nn.Identity()
+        flat = channels if gap else channels * side * side
+        self.head = nn.Sequential(nn.Flatten(), nn.Linear(flat, fc), nn.ReLU(inplace=True),
+                                  nn.Dropout(dropout), nn.Linear(fc, n_out))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.pool(self.features(x)))
+
+
+class XrayNet(nn.Module):
+    """Our small CNN: BatchNorm conv blocks halve the side and double the width, then GAP."""
+
+    def __init__(self, input_size: int, n_out: int, widths: tuple[int, ...] = (8, 16, 32, 64, 128),
+                 dropout: float = 0.2) -> None:
+        super().__init__()
+        if input_size < 2 ** len(widths):
+            raise ValueError(f"input {input_size} px is too small for {len(widths)} blocks")
+        blocks: list[nn.Module] = []
+        c_in = 1
+        for w in widths:
+            blocks += [nn.Conv2d(c_in, w, 3, padding=1, bias=False), nn.BatchNorm2d(w),
+                       nn.ReLU(inplace=True), nn.MaxPool2d(2)]
+            c_in = w
+        self.features = nn.Sequential(*blocks)
+        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Dropout(dropout),
+                                  nn.Linear(c_in, n_out))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x))
+
+
+ARCHS: dict[str, tuple[type[nn.Module], dict[str, Any]]] = {
+    "mlp": (MLP, {}),
+    "bn_mlp": (MLP, {"hidden": (512, 256, 128, 64), "batchnorm": True}),
+    "cnn": (CourseCNN, {}),
+    "gap_cnn": (CourseCNN, {"gap": True}),
+    "xraynet": (XrayNet, {}),
+}
+
+
+def arch_args(arch: str, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The architecture's full keyword arguments: its defaults, then the overrides (JSON-safe)."""
+    if arch not in ARCHS:
+        raise ValueError(f"unknown arch '{arch}'; choose from {sorted(ARCHS)}")
+    args = {**ARCHS[arch][1], **(overrides or {})}
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in args.items()}
+
+
+def build_model(arch: str, head: str, input_size: int, args: dict[str, Any] | None = None) -> nn.Module:
+    cls, _ = ARCHS[arch]
+    kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in arch_args(arch, args).items()}
+    return cls(input_size=input_size, n_out=1 if head == "bce" else 2, **kwargs)
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)

@@ -1,0 +1,74 @@
+"""Matplotlib figures: training curves, ROC curve, confusion matrix. Torch-free."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # headless: files only
+import matplotlib.pyplot as plt
+import numpy as np
+from sklearn.metrics import ConfusionMatrixDisplay, RocCurveDisplay
+
+from handlers.schemas import CLASS_NAMES
+
+
+def plot_curves(history: list[dict], path: Path, title: str = "") -> Path:
+    """Loss and accuracy per epoch, train vs val; a dashed line at the best epoch."""
+    epochs = [h["epoch"] for h in history]
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 3.8))
+    ax_loss.plot(epochs, [h["train_loss"] for h in history], label="train")
+    ax_loss.plot(epochs, [h["val_loss"] for h in history], label="val")
+    ax_loss.set(xlabel="epoch", ylabel="loss", title="loss")
+    ax_acc.plot(epochs, [h["train_accuracy"] for h in history], label="train")
+    ax_acc.plot(epochs, [h["val_accuracy"] for h in history], label="val")
+    ax_acc.plot(epochs, [h["val_balanced_accuracy"] for h in history], label="val balanced", ls=":")
+    ax_acc.set(xlabel="epoch", ylabel="accuracy", title="accuracy")
+    best = [h["epoch"] for h in history if h.get("best")]
+    for ax in (ax_loss, ax_acc):
+        if best:
+            ax.axvline(best[-1], color="grey", ls="--", lw=0.8)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.suptitle(title)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def plot_roc(y_true: np.ndarray, prob: np.ndarray, path: Path, title: str = "ROC") -> Path:
+    fig, ax = plt.subplots(figsize=(4.5, 4.5))
+    RocCurveDisplay.from_predictions(y_true, prob, ax=ax, name="P(PNEUMONIA)", plot_chance_level=True)
+    ax.set(title=title, xlabel="1 - specificity", ylabel="sensitivity")
+    return _save(fig, path)
+
+
+def plot_confusion(y_true: np.ndarray, y_pred: np.ndarray, path: Path, title: str = "Confusion matrix") -> Path:
+    fig, ax = plt.subplots(figsize=(4.5, 4))
+    ConfusionMatrixDisplay.from_predictions(y_true, y_pred, labels=[0, 1], display_labels=list(CLASS_NAMES),
+                                            ax=ax, colorbar=False, cmap="Blues")
+    ax.set_title(title)
+    return _save(fig, path)
+
+
+def plot_bars(labels: list[str], series: dict[str, list[float]], path: Path, title: str, ylabel: str) -> Path:
+    """Grouped bars: one group per run, one bar per series (e.g. val and test accuracy)."""
+    fig, ax = plt.subplots(figsize=(max(5.0, 0.9 * len(labels) + 2), 3.8))
+    width = 0.8 / max(1, len(series))
+    x = np.arange(len(labels))
+    for i, (name, values) in enumerate(series.items()):
+        ax.bar(x + i * width - 0.4 + width / 2, values, width, label=name)
+    ax.set_xticks(x, labels, rotation=30, ha="right")
+    ax.set(title=title, ylabel=ylabel)
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend()
+    return _save(fig, path)
+
+
+def _save(fig: plt.Figure, path: Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
