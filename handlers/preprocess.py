@@ -54,7 +54,7 @@ def sniff(data: bytes) -> str:
 
 
 def decode(data: bytes | bytearray | memoryview) -> np.ndarray:
-    """Request body -> float32 grayscale HxW in [0, 1]. PNG, JPEG or .npy; anything else is refused."""
+    """Request body -> float32 grayscale HxW in [0, 1]. PNG, JPEG, .npy or DICOM; anything else is refused."""
     data = bytes(data)
     if not data:
         raise PreprocessError(400, "empty_body", "the request has no image: send PNG or JPEG bytes")
@@ -62,7 +62,7 @@ def decode(data: bytes | bytearray | memoryview) -> np.ndarray:
     if kind == "npy":
         return _decode_npy(data)
     if kind == "dicom":
-        raise PreprocessError(415, "unsupported_media_type", "DICOM input is not supported yet")
+        return _decode_dicom(data)
     return _decode_pil(data)
 
 
@@ -152,6 +152,58 @@ def _decode_npy(data: bytes) -> np.ndarray:
     except Exception as exc:
         raise PreprocessError(400, "invalid_array", f"cannot read the .npy array: {exc}") from None
     return gray_from_array(arr)
+
+
+# Projection radiography modalities: computed / digital radiography (and the retired RG, DR codes).
+DICOM_MODALITIES = ("CR", "DX", "DR", "RG")
+DICOM_BODY_PARTS = ("", "CHEST", "THORAX", "LUNG")
+
+
+def _decode_dicom(data: bytes) -> np.ndarray:
+    """A single-frame grayscale radiograph: modality LUT (rescale slope/intercept), then the VOI
+    window when the file has one, else its stored bit range, to [0, 1]; MONOCHROME1 inverted."""
+    import pydicom  # only DICOM requests pay for the import
+    from pydicom.pixels import apply_modality_lut
+
+    try:
+        ds = pydicom.dcmread(io.BytesIO(data))
+    except Exception as exc:
+        raise PreprocessError(400, "corrupt_dicom", f"cannot parse the DICOM file: {exc}") from None
+    modality = str(ds.get("Modality", "")).upper()
+    if modality not in DICOM_MODALITIES:
+        raise PreprocessError(422, "not_a_radiograph",
+                              f"DICOM Modality is '{modality or 'missing'}'; expected one of {DICOM_MODALITIES}")
+    body_part = str(ds.get("BodyPartExamined", "")).upper()
+    if body_part not in DICOM_BODY_PARTS:
+        raise PreprocessError(422, "not_a_radiograph", f"DICOM BodyPartExamined is '{body_part}', not the chest")
+    if "PixelData" not in ds:
+        raise PreprocessError(400, "no_pixel_data", "the DICOM file has no pixel data")
+    if int(ds.get("SamplesPerPixel", 1)) != 1 or int(ds.get("NumberOfFrames", 1) or 1) != 1:
+        raise PreprocessError(400, "invalid_dicom", "only single-frame grayscale DICOM images are accepted")
+    _check_size(int(ds.get("Columns", 0)), int(ds.get("Rows", 0)))
+    try:
+        stored = ds.pixel_array
+    except Exception as exc:  # a compressed transfer syntax without a decoder, or broken pixel data
+        syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
+        name = getattr(syntax, "name", str(syntax))
+        raise PreprocessError(415, "unsupported_transfer_syntax",
+                              f"cannot decode DICOM pixel data ({name}): {exc}") from None
+    values = apply_modality_lut(stored.astype(np.float64), ds)
+    if "WindowCenter" in ds and "WindowWidth" in ds:
+        center = float(np.ravel(ds.WindowCenter)[0])
+        width = max(float(np.ravel(ds.WindowWidth)[0]), 1.0)
+        lo, hi = center - width / 2, center + width / 2
+    else:  # the full range the stored bits can hold, through the same modality LUT
+        bits = int(ds.get("BitsStored", stored.dtype.itemsize * 8))
+        signed = int(ds.get("PixelRepresentation", 0)) == 1
+        ends = np.array([-(2 ** (bits - 1)), 2 ** (bits - 1) - 1] if signed else [0, 2**bits - 1], np.float64)
+        lo, hi = sorted(apply_modality_lut(ends, ds))
+    gray = np.clip((values - lo) / max(hi - lo, 1e-12), 0.0, 1.0)
+    if str(ds.get("PhotometricInterpretation", "")).upper() == "MONOCHROME1":
+        gray = 1.0 - gray  # MONOCHROME1: high values are dark
+    if not np.isfinite(gray).all():
+        raise PreprocessError(400, "invalid_dicom", "DICOM pixel values are not finite")
+    return gray.astype(np.float32)
 
 
 def resize(gray: np.ndarray, size: int) -> np.ndarray:
