@@ -37,6 +37,9 @@ SUFFIX = {"onnxruntime": ".onnx", "torchscript": ".torchscript.pt"}
 CONFIG_NAME = "model-config.yaml"
 
 
+EXPLAINER = "explainer.pt"
+
+
 class ArchiveError(RuntimeError):
     """Missing inputs or an archive that is not what it should be."""
 
@@ -44,7 +47,17 @@ class ArchiveError(RuntimeError):
 def model_config(args: argparse.Namespace) -> dict[str, Any]:
     return {"batchSize": args.batch_size, "maxBatchDelay": args.max_batch_delay, "minWorkers": args.min_workers,
             "maxWorkers": args.max_workers, "responseTimeout": args.response_timeout,
-            "handler": {"backend": args.backend, "threads": args.threads}}
+            "handler": {"backend": args.backend, "threads": args.threads, "explainer": EXPLAINER}}
+
+
+def stage_explainer(stage: Path, export_dir: Path, model: str) -> list[str]:
+    """STAGE/explainer.pt: the TorchScript model, which has gradients for Grad-CAM (ONNX has none)."""
+    src = export_dir / f"{model}{SUFFIX['torchscript']}"
+    if not src.is_file():
+        raise ArchiveError(f"no {src}: the archive carries the TorchScript model for explanations")
+    stage.mkdir(parents=True, exist_ok=True)
+    shutil.copy2(src, stage / EXPLAINER)
+    return [EXPLAINER]
 
 
 def stage_handlers(stage: Path, handlers_dir: Path = HANDLERS_DIR) -> list[str]:
@@ -103,7 +116,7 @@ def build(args: argparse.Namespace) -> dict[str, Any]:
         tmp = Path(tmp_name)
         stage, out = tmp / "stage", tmp / "out"
         out.mkdir()
-        packed = stage_handlers(stage, args.handlers_dir)
+        packed = stage_handlers(stage, args.handlers_dir) + stage_explainer(stage, args.export_dir, args.model)
         (tmp / CONFIG_NAME).write_text(yaml.safe_dump(config, sort_keys=False))
         cmd = [*archiver_command(), "--model-name", MODEL_NAME, "--version", version,
                "--serialized-file", str(model_path), "--handler", str(args.handler),

@@ -63,3 +63,12 @@ class ErrorBody(BaseModel):
     code: int
     type: str
     message: str
+
+
+class Explanation(BaseModel):
+    """The 200 answer of POST /explanations/xray: the prediction and a Grad-CAM heatmap."""
+
+    prediction: Prediction
+    target: Literal["NORMAL", "PNEUMONIA"] = Field(description="the class the heatmap explains")
+    heatmap: list[list[float]] = Field(description="[H][W] in [0, 1], at the model's input size")
+    overlay_png: str = Field(description="base64 PNG: the model's input with the heatmap on top")

