@@ -11,7 +11,8 @@ URL ?= http://127.0.0.1:8080
 SPLIT ?= test
 BACKEND ?= onnxruntime
 
-.PHONY: setup java test lint train experiments export archive serve stop evaluate bench soak clean help
+.PHONY: setup java test lint train experiments export archive serve stop evaluate bench soak clean help \
+	docker-build docker-run docker-test
 
 help:
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
@@ -57,6 +58,27 @@ evaluate: setup ## every image of SPLIT through the live endpoint -> reports/eva
 
 bench: setup ## in-process limit vs live endpoint at concurrency 1/8/32/64 -> reports/bench.md
 	$(PY) -m serving.bench
+
+soak: setup ## hold concurrency 64 against the live endpoint for MINUTES (default 10) -> reports/soak.json
+	$(PY) -m serving.soak --url $(URL) --minutes $(or $(MINUTES),10) --concurrency 64
+
+# --- container (Dockerfile, docker/) ---
+IMAGE ?= xray-serve:latest
+# Debian's docker.io CLI has BuildKit built in; a newer CLI needs the buildx plugin for RUN --mount.
+DOCKER ?= $(if $(wildcard /usr/bin/docker),/usr/bin/docker,docker)
+BASE_IMAGE ?=
+CA_BUNDLE ?= /etc/ssl/certs/ca-certificates.crt
+
+docker-build: ## build IMAGE (CUDA 13 base, CPU torch from WHEELS); bakes model_store/xray.mar if present
+	mkdir -p .whl && for w in $(WHEELS)/torch-2.13.0*cpu*.whl; do ln -f "$$w" .whl/ 2>/dev/null || cp "$$w" .whl/; done
+	DOCKER_BUILDKIT=1 $(DOCKER) build --secret id=ca_bundle,src=$(CA_BUNDLE) \
+	  $(if $(BASE_IMAGE),--build-arg BASE_IMAGE=$(BASE_IMAGE),) -t $(IMAGE) .
+
+docker-run: ## run IMAGE on 127.0.0.1:8080-8082 (--gpus all where nvidia-smi works) and wait until healthy
+	IMAGE=$(IMAGE) DOCKER=$(DOCKER) bash docker/run.sh
+
+docker-test: setup ## (root) build on a local Debian base, run, predict real images through 127.0.0.1, clean up
+	bash docker/smoke_test.sh
 
 clean: ## remove build outputs (keeps .venv and the data cache)
 	rm -rf artifacts/runs artifacts/best artifacts/export model_store/*.mar reports logs .serve

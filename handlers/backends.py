@@ -38,14 +38,6 @@ def pneumonia_probability(logits: np.ndarray, head: Head) -> np.ndarray:
     return 1.0 / (1.0 + np.exp(-np.clip(margin, -500.0, 500.0)))
 
 
-def cuda_available() -> bool:
-    try:
-        import torch
-    except ImportError:
-        return False
-    return torch.cuda.is_available()
-
-
 class Runner(Protocol):
     card: ModelCard
     backend: Backend
@@ -66,7 +58,9 @@ class OnnxRunner:
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads
         providers: list = ["CPUExecutionProvider"]
-        if gpu_id is not None and cuda_available():
+        # gpu_id comes from TorchServe, which assigns one only where it found a GPU; torch's view
+        # does not matter here (the container's torch is the CPU build).
+        if gpu_id is not None and "CUDAExecutionProvider" in ort.get_available_providers():
             providers.insert(0, ("CUDAExecutionProvider", {"device_id": int(gpu_id)}))
         try:
             self.session = ort.InferenceSession(str(path), options, providers=providers)

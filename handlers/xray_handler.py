@@ -18,7 +18,7 @@ import numpy as np
 from ts.metrics.metric_type_enum import MetricTypes
 from ts.torch_handler.base_handler import BaseHandler
 
-from handlers.backends import cuda_available, load_runner, pneumonia_probability
+from handlers.backends import load_runner, pneumonia_probability
 from handlers.batch import Batch, split_requests
 from handlers.explain import NotExplainable, grad_cam, load_explainer, overlay_png
 from handlers.schemas import ErrorBody, Explanation, Prediction
@@ -33,7 +33,7 @@ class XrayHandler(BaseHandler):
         props = context.system_properties
         settings = (getattr(context, "model_yaml_config", None) or {}).get("handler", {})
         model_file = Path(props["model_dir"]) / context.manifest["model"]["serializedFile"]
-        gpu_id = props.get("gpu_id") if cuda_available() else None
+        gpu_id = props.get("gpu_id")  # None unless TorchServe found a GPU for this worker
         self.runner = load_runner(model_file, settings.get("backend"), gpu_id, int(settings.get("threads", 0)))
         self.card = self.runner.card
         self.version = str(context.manifest["model"].get("modelVersion", self.card.version))

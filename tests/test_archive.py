@@ -18,7 +18,7 @@ from handlers.backends import load_runner
 REPO = Path(__file__).resolve().parents[1]
 HANDLER_MODULES = sorted(p.name for p in (REPO / "handlers").glob("*.py"))
 DEFAULT_CONFIG = {"batchSize": 8, "maxBatchDelay": 10, "minWorkers": 1, "maxWorkers": 1, "responseTimeout": 60,
-                  "handler": {"backend": "onnxruntime", "threads": 0}}
+                  "handler": {"backend": "onnxruntime", "threads": 0, "explainer": "explainer.pt"}}
 
 
 def read_mar(mar: Path) -> tuple[set[str], dict, dict]:
@@ -36,7 +36,7 @@ def test_default_mar_entries_and_config(model_store: Path, export_dir: Path) -> 
     assert {n for n in names if n.startswith("handlers/")} == {f"handlers/{m}" for m in HANDLER_MODULES}
     assert "preprocess.py" not in names, "handlers/ was flattened into the archive root"
     assert not [n for n in names if "__pycache__" in n or n.endswith(".pyc")]
-    assert {"cnn.onnx", "MAR-INF/MANIFEST.json", "model-config.yaml", "xray_handler.py"} <= names
+    assert {"cnn.onnx", "MAR-INF/MANIFEST.json", "model-config.yaml", "xray_handler.py", "explainer.pt"} <= names
     model = manifest["model"]
     assert model["modelName"] == "xray" and model["serializedFile"] == "cnn.onnx"
     assert model["handler"] == "xray_handler.py" and model["configFile"] == "model-config.yaml"
@@ -83,7 +83,7 @@ def test_torchscript_backend_and_options(export_dir: Path, tmp_path: Path,
     assert "cnn.torchscript.pt" in names and "cnn.onnx" not in names
     assert manifest["model"]["serializedFile"] == "cnn.torchscript.pt" and manifest["model"]["modelVersion"] == "2.0"
     assert config == {"batchSize": 4, "maxBatchDelay": 25, "minWorkers": 1, "maxWorkers": 2, "responseTimeout": 30,
-                      "handler": {"backend": "torchscript", "threads": 2}}
+                      "handler": {"backend": "torchscript", "threads": 2, "explainer": "explainer.pt"}}
 
 
 def test_missing_model_is_a_clear_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -1,0 +1,79 @@
+# xray-serve: TorchServe + the xray model, GPU inference through onnxruntime-gpu.
+#
+#   make docker-build                      # = the command below, with the CA bundle and torch wheel staged
+#   mkdir -p .whl && ln /opt/wheels/torch-2.13.0+cpu-*.whl .whl/        # the CPU torch wheel, in the context
+#   DOCKER_BUILDKIT=1 docker build -t xray-serve:latest \
+#       --secret id=ca_bundle,src=/etc/ssl/certs/ca-certificates.crt .   # [--build-arg BASE_IMAGE=...]
+#   make docker-run                        # 127.0.0.1:8080-8082, --gpus all where nvidia-smi exists
+#
+# torch is only needed by TorchServe's worker (import) and the TorchScript backend: it is the
+# CPU wheel from the build-context folder .whl/ (the Makefile links it there from /opt/wheels),
+# so the image never downloads CUDA torch; CUDA inference is onnxruntime-gpu on the base's
+# CUDA 13 + cuDNN 9 libraries. The base must offer python3.11, python3.11-venv,
+# openjdk-17-jre-headless and tini through apt (Ubuntu 22.04 and Debian 12 do).
+# The model archive: model_store/xray.mar is baked in when it exists at build time; otherwise
+# (or to replace it) mount one: -v "$PWD/model_store:/app/model_store:ro".
+# Secrets: none are baked in. TorchServe writes a fresh key file at every start into
+# /var/lib/xray/keys/key_file.json (docker exec ... cat it, or mount /var/lib/xray).
+ARG BASE_IMAGE=nvidia/cuda:13.0.1-cudnn-runtime-ubuntu22.04
+FROM ${BASE_IMAGE}
+
+SHELL ["/bin/bash", "-o", "pipefail", "-c"]
+
+ENV DEBIAN_FRONTEND=noninteractive \
+    LANG=C.UTF-8 \
+    PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1
+
+# Java 17 for TorchServe's frontend, Python 3.11 for the workers, tini as PID 1 (signals, zombies).
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends \
+        ca-certificates python3.11 python3.11-venv openjdk-17-jre-headless tini \
+    && rm -rf /var/lib/apt/lists/* \
+    && python3.11 --version && java -version
+
+# The pinned environment. The CA bundle (for a TLS-intercepting proxy) is a build secret, never
+# a layer; the torch wheel is bind-mounted from the build context and installed first, offline,
+# so requirements.lock's torch==2.13.0 is already satisfied by 2.13.0+cpu.
+WORKDIR /app
+COPY requirements.lock pyproject.toml ./
+RUN --mount=type=secret,id=ca_bundle,target=/run/secrets/ca_bundle.crt \
+    --mount=type=bind,source=.whl,target=/wheels \
+    if [ -s /run/secrets/ca_bundle.crt ]; then export PIP_CERT=/run/secrets/ca_bundle.crt; fi \
+    && python3.11 -m venv /opt/venv \
+    && /opt/venv/bin/pip install --no-index --no-deps /wheels/torch-2.13.0*.whl \
+    && /opt/venv/bin/pip install --find-links /wheels -r requirements.lock "PyYAML==6.0.3" \
+    && /opt/venv/bin/python -c "import torch, ts, onnxruntime, yaml; assert torch.version.cuda is None, torch.__version__; print('torch', torch.__version__, 'ort', onnxruntime.__version__, onnxruntime.get_available_providers())"
+
+ENV PATH=/opt/venv/bin:$PATH \
+    PYTHONPATH=/app \
+    HOME=/var/lib/xray \
+    MPLCONFIGDIR=/tmp/matplotlib \
+    XRAY_STATE_DIR=/var/lib/xray \
+    XRAY_LOG_DIR=/var/log/xray \
+    XRAY_MODEL_STORE=/app/model_store
+
+COPY handlers/ handlers/
+COPY training/ training/
+COPY export/ export/
+COPY serving/ serving/
+COPY docker/entrypoint.sh docker/healthcheck.py docker/
+# Empty of .mar unless `make archive` ran before the build (.dockerignore keeps only *.mar + README).
+COPY model_store/ model_store/
+
+RUN useradd --uid 10001 --user-group --no-create-home --home-dir /var/lib/xray --shell /usr/sbin/nologin xray \
+    && install -d -o 10001 -g 10001 -m 0750 /var/lib/xray /var/log/xray \
+    && chmod 0755 docker/entrypoint.sh docker/healthcheck.py
+
+USER 10001:10001
+EXPOSE 8080 8081 8082
+
+# Ready = the management API (key file token) lists a READY worker for "xray" AND a real
+# prediction answers 200 with a valid Prediction. /ping alone says Healthy before the model loads.
+HEALTHCHECK --interval=30s --timeout=20s --start-period=120s --retries=3 \
+    CMD ["python", "/app/docker/healthcheck.py"]
+
+# TorchServe in the foreground (tini forwards SIGTERM to the whole process group).
+ENTRYPOINT ["/usr/bin/tini", "-g", "--", "/app/docker/entrypoint.sh"]

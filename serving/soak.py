@@ -1,0 +1,113 @@
+"""Soak: hold a fixed concurrency against the live endpoint for a while; errors, latency, worker memory.
+
+    python -m serving.soak --minutes 10 --concurrency 64      # make soak (MINUTES=...)
+    python -m serving.soak --seconds 20                       # the CI-sized version
+
+Cycles through the test images, keeping `concurrency` requests in flight until the time is up,
+then waits for the last ones (a bounded loop: it stops by itself). Worker RSS is sampled from
+the worker PIDs that the management API lists; growth is measured after a warm-up, so ONNX
+Runtime's arena reaching its working size does not count as a leak. Exits 1 on any error or
+on RSS growth >= --max-rss-growth.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import psutil
+
+from serving.client import DEFAULT_URL, XrayClient, XrayError
+from serving.settings import REPO_ROOT, token
+from training.sources import default_data_dir, list_image_folder
+
+
+def worker_rss(management_url: str, mtoken: str | None) -> int:
+    """Total RSS in bytes of the model's worker processes (0 when none answers)."""
+    r = httpx.get(f"{management_url}/models/xray", timeout=10,
+                  headers={"Authorization": f"Bearer {mtoken}"} if mtoken else {})
+    total = 0
+    for w in r.json()[0]["workers"] if r.status_code == 200 else []:
+        with contextlib.suppress(psutil.Error, ValueError):
+            total += psutil.Process(int(w["pid"])).memory_info().rss
+    return total
+
+
+async def soak(url: str, management_url: str, bodies: list[bytes], seconds: float, concurrency: int,
+               warmup: float, key_file: Path | None = None) -> dict:
+    mtoken = token("management", key_file)
+    latencies: list[float] = []
+    errors: list[str] = []
+    rss: list[tuple[float, int]] = []
+    t0 = time.perf_counter()
+    deadline = t0 + seconds
+
+    async def user(k: int, client: XrayClient) -> None:
+        i = k
+        while time.perf_counter() < deadline:
+            start = time.perf_counter()
+            try:
+                await client.predict(bodies[i % len(bodies)])
+                latencies.append(time.perf_counter() - start)
+            except XrayError as exc:
+                errors.append(str(exc)[:200])
+            i += concurrency
+
+    async def sampler() -> None:
+        while time.perf_counter() < deadline:
+            rss.append((time.perf_counter() - t0, await asyncio.to_thread(worker_rss, management_url, mtoken)))
+            await asyncio.sleep(1.0)
+
+    async with XrayClient(url, key_file=key_file, concurrency=concurrency, retries=0) as client:
+        await asyncio.gather(sampler(), *(user(k, client) for k in range(concurrency)))
+    wall = time.perf_counter() - t0
+    after_warmup = [v for t, v in rss if t >= warmup] or [v for _, v in rss]
+    growth = (after_warmup[-1] - after_warmup[0]) / after_warmup[0] if after_warmup and after_warmup[0] else 0.0
+    lat = np.asarray(latencies) * 1000 if latencies else np.zeros(1)
+    return {"url": url, "seconds": round(wall, 1), "concurrency": concurrency, "requests": len(latencies) + len(errors),
+            "errors": len(errors), "error_samples": errors[:5], "throughput_rps": round(len(latencies) / wall, 1),
+            "latency_ms": {q: round(float(np.percentile(lat, p)), 1) for q, p in (("p50", 50), ("p99", 99))},
+            "rss_mb_after_warmup": [round(after_warmup[0] / 2**20, 1), round(after_warmup[-1] / 2**20, 1)]
+            if after_warmup else None, "rss_growth": round(growth, 4), "warmup_s": warmup}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--url", default=DEFAULT_URL)
+    p.add_argument("--management-url", help="default: URL's port + 1")
+    p.add_argument("--minutes", type=float)
+    p.add_argument("--seconds", type=float, default=60)
+    p.add_argument("--concurrency", type=int, default=64)
+    p.add_argument("--warmup", type=float, help="seconds before RSS counts (default: 20%% of the run, <= 60)")
+    p.add_argument("--max-rss-growth", type=float, default=0.10)
+    p.add_argument("--images", type=int, default=64, help="distinct test images cycled through")
+    p.add_argument("--data-dir", type=Path, default=None)
+    p.add_argument("--key-file", type=Path)
+    p.add_argument("--out", type=Path, default=REPO_ROOT / "reports" / "soak.json")
+    ns = p.parse_args(argv)
+    seconds = ns.minutes * 60 if ns.minutes else ns.seconds
+    warmup = ns.warmup if ns.warmup is not None else min(60.0, 0.2 * seconds)
+    host, port = ns.url.rstrip("/").rsplit(":", 1)
+    management = ns.management_url or f"{host}:{int(port) + 1}"
+    items = list_image_folder(ns.data_dir or default_data_dir(), "test")
+    bodies = [path.read_bytes() for path, _ in items[:: max(1, len(items) // ns.images)][: ns.images]]
+    report = asyncio.run(soak(ns.url, management, bodies, seconds, ns.concurrency, warmup, ns.key_file))
+    ns.out.parent.mkdir(parents=True, exist_ok=True)
+    ns.out.write_text(json.dumps(report, indent=1))
+    print(json.dumps(report, indent=1))
+    if report["errors"] or report["rss_growth"] >= ns.max_rss_growth:
+        print(f"error: {report['errors']} errors, worker RSS growth {report['rss_growth']:.1%} "
+              f"(limit {ns.max_rss_growth:.0%})", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,75 @@
+"""Load and faults against the live server: a 20-second soak, and a worker killed during evaluate."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from serving.settings import ServeSettings
+from tests.helpers import REPO, keys, run_cli
+
+pytestmark = [pytest.mark.server, pytest.mark.slow]
+
+
+def workers(settings: ServeSettings) -> list[dict]:
+    r = httpx.get(f"{settings.management_url}/models/xray", timeout=10,
+                  headers={"Authorization": f"Bearer {keys(settings)['management']}"})
+    return r.json()[0]["workers"]
+
+
+def metric(settings: ServeSettings, name: str) -> float:
+    text = httpx.get(f"{settings.metrics_url}/metrics", timeout=10).text
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name + "{"))
+
+
+def test_soak_20_seconds_at_concurrency_64(server: ServeSettings, data_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "soak.json"
+    run_cli("serving.soak", "--seconds", "20", "--warmup", "8", "--concurrency", "64", "--url", server.inference_url,
+            "--management-url", server.management_url,
+            "--key-file", str(server.key_file), "--data-dir", str(data_dir), "--out", str(out),
+            "--max-rss-growth", "0.10")
+    report = json.loads(out.read_text())
+    assert report["errors"] == 0 and report["requests"] > 100
+    assert report["rss_growth"] < 0.10
+    print(f"soak: {report}")
+
+
+def test_a_killed_worker_loses_no_image(server: ServeSettings, export_dir: Path, data_dir: Path,
+                                        tmp_path: Path) -> None:
+    pid = workers(server)[0]["pid"]
+    seen = metric(server, "XrayRequests")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "serving.evaluate", "--url", server.inference_url, "--key-file", str(server.key_file),
+         "--data-dir", str(data_dir), "--expect", str(export_dir / "predictions_cnn.json"),
+         "--out-dir", str(tmp_path), "--concurrency", "16"],
+        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while metric(server, "XrayRequests") < seen + 80 and time.monotonic() < deadline:
+            time.sleep(0.1)  # evaluate is under way
+        os.kill(pid, signal.SIGKILL)
+        killed = time.monotonic()
+        while not any(w["status"] == "READY" and w["pid"] != pid for w in workers(server)):
+            assert time.monotonic() - killed < 120, "TorchServe did not restart the worker"
+            time.sleep(0.1)
+        recovery = time.monotonic() - killed
+        output, _ = proc.communicate(timeout=600)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, output
+    report = json.loads((tmp_path / "evaluate.json").read_text())
+    names = [p["file"] for p in report["predictions"]]
+    assert report["answered"] == report["images"] == len(names) == len(set(names)), "an image lost or doubled"
+    assert report["unanswered"] == []
+    assert report["expect"]["compared"] == len(names) and report["expect"]["mismatches"] == []
+    print(f"worker {pid} killed; a new worker READY after {recovery:.1f}s; "
+          f"{report['retried_images']} images retried, {report['answered']}/{report['images']} answered once")
+    assert recovery < 60
