@@ -39,7 +39,7 @@ train: setup ## train the default set; best BCE-MLP, CE-MLP and CNN -> artifacts
 	$(PY) -m training.experiments --study default
 
 experiments: setup ## every course study -> reports/experiments.md (QUICK=1 for the CI-sized grids)
-	$(PY) -m training.experiments --study all $(if $(QUICK),--quick,)
+	$(PY) -m training.experiments --study all --reuse $(if $(QUICK),--quick,)
 
 export: setup ## TorchScript + ONNX for the best checkpoints, with the parity report
 	$(PY) -m export

@@ -66,16 +66,16 @@ def decode(data: bytes | bytearray | memoryview) -> np.ndarray:
     return _decode_pil(data)
 
 
-def _check_size(width: int, height: int) -> None:
+def _check_size(width: int, height: int, min_side: int = MIN_SIDE) -> None:
     if width * height > MAX_PIXELS or max(width, height) > MAX_SIDE:
         raise PreprocessError(
             413,
             "image_too_large",
             f"image is {width}x{height}; at most {MAX_PIXELS} pixels and {MAX_SIDE} px a side are accepted",
         )
-    if min(width, height) < MIN_SIDE:
+    if min(width, height) < min_side:
         raise PreprocessError(
-            400, "image_too_small", f"image is {width}x{height}; each side must be at least {MIN_SIDE} px"
+            400, "image_too_small", f"image is {width}x{height}; each side must be at least {min_side} px"
         )
 
 
@@ -122,15 +122,17 @@ def _pil_to_gray(image: Image.Image) -> np.ndarray:
     return np.asarray(image, dtype=np.float32) / np.float32(255.0)
 
 
-def gray_from_array(arr: np.ndarray) -> np.ndarray:
-    """A 2-D image array (uint8, uint16 or float in [0, 1]) -> float32 HxW in [0, 1], validated."""
+def gray_from_array(arr: np.ndarray, min_side: int = MIN_SIDE) -> np.ndarray:
+    """A 2-D image array (uint8, uint16 or float in [0, 1]) -> float32 HxW in [0, 1], validated.
+
+    min_side guards requests; data set files (e.g. 28x28 PneumoniaMNIST) may pass a smaller one."""
     if arr.ndim == 3 and 1 in (arr.shape[0], arr.shape[-1]):
         arr = arr.reshape(arr.shape[1:] if arr.shape[0] == 1 else arr.shape[:-1])
     if arr.ndim != 2:
         raise PreprocessError(
             400, "invalid_array", f"array must be 2-D (H, W), (1, H, W) or (H, W, 1); got shape {arr.shape}"
         )
-    _check_size(arr.shape[1], arr.shape[0])
+    _check_size(arr.shape[1], arr.shape[0], min_side)
     if arr.dtype == np.uint8:
         return arr.astype(np.float32) / np.float32(255.0)
     if arr.dtype == np.uint16:

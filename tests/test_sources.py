@@ -33,20 +33,21 @@ def test_course_npy_layout(tmp_path: Path, prefix: str) -> None:
         list(iter_split(tmp_path, "train"))
 
 
-def test_medmnist_npz(tmp_path: Path) -> None:
+@pytest.mark.parametrize("side", [28, 64])  # classic PneumoniaMNIST and MedMNIST+
+def test_medmnist_npz(tmp_path: Path, side: int) -> None:
     rng = np.random.default_rng(0)
     arrays = {}
     for split, n in (("train", 7), ("val", 4), ("test", 5)):
-        arrays[f"{split}_images"] = rng.integers(0, 256, (n, 64, 64), dtype=np.uint8)
+        arrays[f"{split}_images"] = rng.integers(0, 256, (n, side, side), dtype=np.uint8)
         arrays[f"{split}_labels"] = rng.integers(0, 2, (n, 1), dtype=np.uint8)
-    path = tmp_path / "pneumoniamnist_64.npz"
+    path = tmp_path / f"pneumoniamnist_{side}.npz"
     np.savez(path, **arrays)
     assert detect_format(path) == "medmnist"
     for split in ("train", "val", "test"):
         items = list(iter_split(path, split))
         assert [label for _, _, label in items] == arrays[f"{split}_labels"].ravel().tolist()
         for (_, img, _), raw in zip(items, arrays[f"{split}_images"], strict=True):
-            assert img.shape == (64, 64)
+            assert img.shape == (side, side)
             np.testing.assert_allclose(img, raw / 255.0, atol=1e-6)
 
 

@@ -9,7 +9,7 @@ import matplotlib
 matplotlib.use("Agg")  # headless: files only
 import matplotlib.pyplot as plt
 import numpy as np
-from sklearn.metrics import ConfusionMatrixDisplay, RocCurveDisplay
+from sklearn.metrics import ConfusionMatrixDisplay, RocCurveDisplay, roc_auc_score, roc_curve
 
 from handlers.schemas import CLASS_NAMES
 
@@ -38,7 +38,10 @@ def plot_curves(history: list[dict], path: Path, title: str = "") -> Path:
 
 def plot_roc(y_true: np.ndarray, prob: np.ndarray, path: Path, title: str = "ROC") -> Path:
     fig, ax = plt.subplots(figsize=(4.5, 4.5))
-    RocCurveDisplay.from_predictions(y_true, prob, ax=ax, name="P(PNEUMONIA)", plot_chance_level=True)
+    fpr, tpr, _ = roc_curve(y_true, prob)
+    # sklearn's own label rounds to 2 decimals: 0.9974 would read "AUC = 1.00".
+    auc = roc_auc_score(y_true, prob)
+    RocCurveDisplay(fpr=fpr, tpr=tpr, name=f"P(PNEUMONIA), AUC = {auc:.4f}").plot(ax=ax, plot_chance_level=True)
     ax.set(title=title, xlabel="1 - specificity", ylabel="sensitivity")
     return _save(fig, path)
 

@@ -17,6 +17,7 @@ from handlers.schemas import CLASS_NAMES
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SPLITS = ("train", "val", "test")
+MIN_DATASET_SIDE = 8  # MedMNIST's classic images are 28x28; requests keep preprocess.MIN_SIDE
 IMAGE_SUFFIXES = (".jpeg", ".jpg", ".png")
 
 
@@ -60,7 +61,7 @@ def load_npy_split(data_dir: Path, split: str) -> tuple[list[np.ndarray], np.nda
         arr = np.load(path, allow_pickle=False)
         if arr.ndim == 2:  # a single image
             arr = arr[None]
-        images += [preprocess.gray_from_array(a) for a in arr]
+        images += [preprocess.gray_from_array(a, MIN_DATASET_SIDE) for a in arr]
         labels += [label] * len(arr)
     return images, np.asarray(labels, dtype=np.int64)
 
@@ -72,7 +73,7 @@ def load_medmnist(npz_path: Path, split: str) -> tuple[list[np.ndarray], np.ndar
         arr, labels = z[f"{key}_images"], z[f"{key}_labels"].reshape(-1).astype(np.int64)
     if arr.ndim == 4:  # colour MedMNIST sets: luma, as for RGB files
         arr = (arr[..., :3].astype(np.float32) @ np.array([0.299, 0.587, 0.114], np.float32)).astype(np.uint8)
-    return [preprocess.gray_from_array(a) for a in arr], labels
+    return [preprocess.gray_from_array(a, MIN_DATASET_SIDE) for a in arr], labels
 
 
 def detect_format(data_dir: Path) -> str:
