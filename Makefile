@@ -44,8 +44,9 @@ experiments: setup ## every course study -> reports/experiments.md (QUICK=1 for 
 export: setup ## TorchScript + ONNX for the best checkpoints, with the parity report
 	$(PY) -m export
 
-archive: setup ## pack model_store/xray.mar (BACKEND=onnxruntime|torchscript)
-	$(PY) -m export.archive --backend $(BACKEND)
+archive: setup ## pack model_store/xray.mar (BACKEND=onnxruntime|torchscript; WORKERS, THREADS, BATCH, DELAY)
+	$(PY) -m export.archive --backend $(BACKEND) $(if $(WORKERS),--min-workers $(WORKERS) --max-workers $(WORKERS),) \
+	  $(if $(THREADS),--threads $(THREADS),) $(if $(BATCH),--batch-size $(BATCH),) $(if $(DELAY),--max-batch-delay $(DELAY),)
 
 serve: setup ## start TorchServe in the background; returns once a real prediction succeeds
 	$(PY) -m serving.launcher start
@@ -57,6 +58,8 @@ evaluate: setup ## every image of SPLIT through the live endpoint -> reports/eva
 	$(PY) -m serving.evaluate --url $(URL) --split $(SPLIT) $(if $(EXPECT),--expect $(EXPECT),)
 
 bench: setup ## in-process limit vs live endpoint at concurrency 1/8/32/64 -> reports/bench.md
+	@command -v wrk >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk; } \
+	  || echo "wrk unavailable: the async httpx client loads the endpoint (it needs a core of its own)"
 	$(PY) -m serving.bench
 
 soak: setup ## hold concurrency 64 against the live endpoint for MINUTES (default 10) -> reports/soak.json

@@ -139,12 +139,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--model", default="cnn", help="family: cnn, mlp_bce, mlp_ce (a file in --export-dir)")
     p.add_argument("--backend", choices=sorted(SUFFIX), default="onnxruntime")
     p.add_argument("--model-store", type=Path, default=REPO_ROOT / "model_store")
+    # Defaults tuned with `make bench` on the 2-core CPU machine (see README, "Tuning"): two
+    # single-threaded workers keep both cores busy, a 2 ms delay keeps a lone request fast while
+    # a queue still fills batches of 8 at once. On a GPU host: one worker per GPU, --threads 0.
     p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--max-batch-delay", type=int, default=10, help="ms")
-    p.add_argument("--min-workers", type=int, default=1)
-    p.add_argument("--max-workers", type=int, default=1)
+    p.add_argument("--max-batch-delay", type=int, default=2, help="ms")
+    p.add_argument("--min-workers", type=int, default=2)
+    p.add_argument("--max-workers", type=int, default=2)
     p.add_argument("--response-timeout", type=int, default=60, help="s")
-    p.add_argument("--threads", type=int, default=0, help="intra-op threads per worker; 0 = the runtime's default")
+    p.add_argument("--threads", type=int, default=1, help="intra-op threads per worker; 0 = the runtime's default")
     p.add_argument("--version", default=None, help="default: card version + short checkpoint sha256")
     p.add_argument("--handler", type=Path, default=HANDLER, help=argparse.SUPPRESS)
     p.add_argument("--handlers-dir", type=Path, default=HANDLERS_DIR, help=argparse.SUPPRESS)

@@ -57,6 +57,9 @@ class OnnxRunner:
             raise ModelFileError(f"ONNX model not found: {path}")
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads
+        # ORT's pool spin-waits between runs by default: on a CPU server it steals the cores that
+        # TorchServe's frontend and the other workers need.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         providers: list = ["CPUExecutionProvider"]
         # gpu_id comes from TorchServe, which assigns one only where it found a GPU; torch's view
         # does not matter here (the container's torch is the CPU build).

@@ -1,13 +1,14 @@
 """make bench: the in-process pipeline limit vs the live endpoint at several concurrency levels.
 
     python -m serving.bench [--url http://127.0.0.1:8080] [--metrics-url URL] [--start]
-                            [--requests 200] [--seconds 30] [--concurrency 1,8,32,64]
+                            [--load wrk|httpx] [--seconds 10] [--concurrency 1,8,32,64]
                             [--model cnn.onnx | --mar model_store/xray.mar] [--out reports]
 
 (a) In process: decode + handlers.preprocess + ONNX Runtime (handlers.backends.load_runner) on the
     same image bytes: single-image latency, and throughput in batches of the server's batch size.
 (b) Live endpoint (`make serve` running, or --start to start and stop one): per concurrency level
-    at most --requests requests or --seconds seconds: requests/s, p50/p99 latency, errors, and the
+    --seconds of load from wrk (C; the async Python client with --load httpx needs a core of its
+    own at 64 connections and then measures itself): requests/s, p50/p99 latency, errors, and the
     mean batch size the handler saw (delta XrayRequests / delta XrayBatches on the metrics port).
 
 Writes OUT/bench.json and OUT/bench.md with the ratios best endpoint throughput / in-process
@@ -21,6 +22,8 @@ import argparse
 import asyncio
 import json
 import re
+import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -128,6 +131,47 @@ async def endpoint_level(client: XrayClient, bodies: list[bytes], requests: int,
             "p99_ms": ms(latencies, 99), "first_error": errors[0] if errors else None}
 
 
+# wrk cycles through the same image bodies; done() prints the exact percentiles as one JSON line.
+WRK_SCRIPT = """
+local files = {%(files)s}
+local bodies = {}
+for i, path in ipairs(files) do local f = io.open(path, "rb"); bodies[i] = f:read("*all"); f:close() end
+local headers = {["Content-Type"] = "application/octet-stream", ["Authorization"] = "Bearer %(token)s"}
+local n = 0
+request = function()
+  n = n %% #bodies + 1
+  return wrk.format("POST", nil, headers, bodies[n])
+end
+done = function(summary, latency, requests)
+  local e = summary.errors
+  io.write(string.format('WRK {"requests": %%d, "non_2xx": %%d, "socket_errors": %%d, "duration_us": %%d, '
+    .. '"p50_us": %%d, "p99_us": %%d}\\n', summary.requests, e.status, e.connect + e.read + e.write + e.timeout,
+    summary.duration, latency:percentile(50), latency:percentile(99)))
+end
+"""
+
+
+def wrk_level(url: str, token: str | None, bodies: list[bytes], concurrency: int, seconds: float) -> dict[str, Any]:
+    """One concurrency level driven by wrk (C, one thread): the Python client cannot load 2 cores' worth."""
+    with tempfile.TemporaryDirectory() as tmp:
+        files = []
+        for i, body in enumerate(bodies):
+            files.append(Path(tmp) / f"{i}.bin")
+            files[-1].write_bytes(body)
+        script = Path(tmp) / "post.lua"
+        script.write_text(WRK_SCRIPT % {"files": ", ".join(f'"{f}"' for f in files), "token": token or ""})
+        out = subprocess.run(["wrk", "-t", "1", "-c", str(concurrency), "-d", f"{seconds:g}s", "--timeout", "30s",
+                              "-s", str(script), url], capture_output=True, text=True, timeout=seconds + 60)
+    line = next((x for x in out.stdout.splitlines() if x.startswith("WRK ")), None)
+    if line is None:
+        raise RuntimeError(f"wrk failed: {out.stdout[-500:]} {out.stderr[-500:]}")
+    w = json.loads(line[4:])
+    ok = w["requests"] - w["non_2xx"]
+    return {"concurrency": concurrency, "requests": w["requests"], "errors": w["non_2xx"] + w["socket_errors"],
+            "throughput_rps": round(ok / (w["duration_us"] / 1e6), 2), "p50_ms": round(w["p50_us"] / 1000, 2),
+            "p99_ms": round(w["p99_us"] / 1000, 2), "first_error": None, "load": "wrk"}
+
+
 def endpoint(args: argparse.Namespace, bodies: list[bytes]) -> list[dict[str, Any]]:
     rows = []
     for c in args.concurrency:
@@ -138,7 +182,9 @@ def endpoint(args: argparse.Namespace, bodies: list[bytes]) -> list[dict[str, An
             async with XrayClient(args.url, args.token, args.key_file, concurrency=c, retries=0) as client:
                 if not rows:
                     await client.predict(bodies[0])  # warm-up, and fail fast when unreachable
-                return await endpoint_level(client, bodies, args.requests, args.seconds)
+                if args.load == "wrk":
+                    return await asyncio.to_thread(wrk_level, client.url, client.token, bodies, c, args.seconds)
+                return await endpoint_level(client, bodies, args.requests, args.seconds) | {"load": "httpx"}
 
         row = asyncio.run(run())
         batches1, requests1 = metric_sum(args.metrics_url, "XrayBatches"), metric_sum(args.metrics_url, "XrayRequests")
@@ -187,8 +233,9 @@ def markdown(result: dict[str, Any]) -> str:
         lines.append(f"- p50 at concurrency 1: **{s['latency_c1_p50_ms']} ms** = {s['latency_ratio']}x the in-process "
                      f"{local['single_p50_ms']} ms (target <= {LATENCY_FACTOR}x + {LATENCY_SLACK_MS:g} ms = "
                      f"{s['latency_budget_ms']} ms: {'met' if s['latency_ok'] else 'NOT met'})")
-    lines += ["", "Client, server and in-process runs share this machine's CPU cores; other jobs on the host "
-              "change the numbers.", ""]
+    loads = sorted({r.get("load", "httpx") for r in result["endpoint"]})
+    lines += ["", f"Load generator: {', '.join(loads)}. Client, server and in-process runs share this machine's CPU "
+              "cores; other jobs on the host change the numbers.", ""]
     return "\n".join(lines)
 
 
@@ -222,8 +269,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--url", default="http://127.0.0.1:8080")
     p.add_argument("--metrics-url", help="default: the --url host, port + 2 (TorchServe's default layout)")
     p.add_argument("--start", action="store_true", help="start TorchServe (default settings) and stop it after")
-    p.add_argument("--requests", type=int, default=200, help="at most this many requests per concurrency level")
-    p.add_argument("--seconds", type=float, default=30, help="at most this long per concurrency level")
+    p.add_argument("--load", choices=["wrk", "httpx"], default="wrk" if shutil.which("wrk") else "httpx",
+                   help="load generator: wrk (default where installed) or the project's async httpx client")
+    p.add_argument("--requests", type=int, default=400, help="httpx load: at most this many requests per level")
+    p.add_argument("--seconds", type=float, default=10, help="seconds per concurrency level (at most, for httpx)")
     p.add_argument("--concurrency", type=lambda s: [int(c) for c in s.split(",")], default=[1, 8, 32, 64])
     p.add_argument("--images", type=int, default=64, help="distinct test images to cycle through")
     p.add_argument("--data-dir", type=Path, default=default_data_dir())

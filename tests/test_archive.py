@@ -17,8 +17,8 @@ from handlers.backends import load_runner
 
 REPO = Path(__file__).resolve().parents[1]
 HANDLER_MODULES = sorted(p.name for p in (REPO / "handlers").glob("*.py"))
-DEFAULT_CONFIG = {"batchSize": 8, "maxBatchDelay": 10, "minWorkers": 1, "maxWorkers": 1, "responseTimeout": 60,
-                  "handler": {"backend": "onnxruntime", "threads": 0, "explainer": "explainer.pt"}}
+DEFAULT_CONFIG = {"batchSize": 8, "maxBatchDelay": 2, "minWorkers": 2, "maxWorkers": 2, "responseTimeout": 60,
+                  "handler": {"backend": "onnxruntime", "threads": 1, "explainer": "explainer.pt"}}
 
 
 def read_mar(mar: Path) -> tuple[set[str], dict, dict]:
