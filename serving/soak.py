@@ -21,12 +21,12 @@ import time
 from pathlib import Path
 
 import httpx
-import numpy as np
 import psutil
 
-from serving.client import DEFAULT_URL, XrayClient, XrayError
+from serving.bench import endpoint_level, load_bodies
+from serving.client import DEFAULT_URL, XrayClient
 from serving.settings import REPO_ROOT, token
-from training.sources import default_data_dir, list_image_folder
+from training.sources import default_data_dir
 
 
 def worker_rss(management_url: str, mtoken: str | None) -> int:
@@ -42,40 +42,23 @@ def worker_rss(management_url: str, mtoken: str | None) -> int:
 
 async def soak(url: str, management_url: str, bodies: list[bytes], seconds: float, concurrency: int,
                warmup: float, key_file: Path | None = None) -> dict:
+    """bench's load loop for `seconds`, with the workers' RSS sampled every second beside it."""
     mtoken = token("management", key_file)
-    latencies: list[float] = []
-    errors: list[str] = []
     rss: list[tuple[float, int]] = []
     t0 = time.perf_counter()
-    deadline = t0 + seconds
-
-    async def user(k: int, client: XrayClient) -> None:
-        i = k
-        while time.perf_counter() < deadline:
-            start = time.perf_counter()
-            try:
-                await client.predict(bodies[i % len(bodies)])
-                latencies.append(time.perf_counter() - start)
-            except XrayError as exc:
-                errors.append(str(exc)[:200])
-            i += concurrency
 
     async def sampler() -> None:
-        while time.perf_counter() < deadline:
+        while time.perf_counter() < t0 + seconds:
             rss.append((time.perf_counter() - t0, await asyncio.to_thread(worker_rss, management_url, mtoken)))
             await asyncio.sleep(1.0)
 
     async with XrayClient(url, key_file=key_file, concurrency=concurrency, retries=0) as client:
-        await asyncio.gather(sampler(), *(user(k, client) for k in range(concurrency)))
-    wall = time.perf_counter() - t0
+        _, load = await asyncio.gather(sampler(), endpoint_level(client, bodies, sys.maxsize, seconds))
     after_warmup = [v for t, v in rss if t >= warmup] or [v for _, v in rss]
     growth = (after_warmup[-1] - after_warmup[0]) / after_warmup[0] if after_warmup and after_warmup[0] else 0.0
-    lat = np.asarray(latencies) * 1000 if latencies else np.zeros(1)
-    return {"url": url, "seconds": round(wall, 1), "concurrency": concurrency, "requests": len(latencies) + len(errors),
-            "errors": len(errors), "error_samples": errors[:5], "throughput_rps": round(len(latencies) / wall, 1),
-            "latency_ms": {q: round(float(np.percentile(lat, p)), 1) for q, p in (("p50", 50), ("p99", 99))},
-            "rss_mb_after_warmup": [round(after_warmup[0] / 2**20, 1), round(after_warmup[-1] / 2**20, 1)]
-            if after_warmup else None, "rss_growth": round(growth, 4), "warmup_s": warmup}
+    return {"url": url, **load, "rss_mb_after_warmup": [round(after_warmup[0] / 2**20, 1),
+            round(after_warmup[-1] / 2**20, 1)] if after_warmup else None,
+            "rss_growth": round(growth, 4), "warmup_s": warmup}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -96,8 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     warmup = ns.warmup if ns.warmup is not None else min(60.0, 0.2 * seconds)
     host, port = ns.url.rstrip("/").rsplit(":", 1)
     management = ns.management_url or f"{host}:{int(port) + 1}"
-    items = list_image_folder(ns.data_dir or default_data_dir(), "test")
-    bodies = [path.read_bytes() for path, _ in items[:: max(1, len(items) // ns.images)][: ns.images]]
+    bodies = load_bodies(ns.data_dir or default_data_dir(), ns.images)
     report = asyncio.run(soak(ns.url, management, bodies, seconds, ns.concurrency, warmup, ns.key_file))
     ns.out.parent.mkdir(parents=True, exist_ok=True)
     ns.out.write_text(json.dumps(report, indent=1))

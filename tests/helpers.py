@@ -80,3 +80,12 @@ def serve_settings(root: Path, model_store: Path) -> ServeSettings:
 
 def keys(settings: ServeSettings) -> dict[str, str]:
     return read_keys(settings.key_file)
+
+
+def workers(settings: ServeSettings) -> list[dict]:
+    """The model's workers as the management API lists them (id, pid, status, ...)."""
+    import httpx
+
+    r = httpx.get(f"{settings.management_url}/models/xray", timeout=10,
+                  headers={"Authorization": f"Bearer {keys(settings)['management']}"})
+    return r.json()[0]["workers"]

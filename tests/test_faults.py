@@ -10,24 +10,13 @@ import sys
 import time
 from pathlib import Path
 
-import httpx
 import pytest
 
+from serving.bench import metric_sum
 from serving.settings import ServeSettings
-from tests.helpers import REPO, keys, run_cli
+from tests.helpers import REPO, run_cli, workers
 
 pytestmark = [pytest.mark.server, pytest.mark.slow]
-
-
-def workers(settings: ServeSettings) -> list[dict]:
-    r = httpx.get(f"{settings.management_url}/models/xray", timeout=10,
-                  headers={"Authorization": f"Bearer {keys(settings)['management']}"})
-    return r.json()[0]["workers"]
-
-
-def metric(settings: ServeSettings, name: str) -> float:
-    text = httpx.get(f"{settings.metrics_url}/metrics", timeout=10).text
-    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name + "{"))
 
 
 def test_soak_20_seconds_at_concurrency_64(server: ServeSettings, data_dir: Path, tmp_path: Path) -> None:
@@ -44,8 +33,9 @@ def test_soak_20_seconds_at_concurrency_64(server: ServeSettings, data_dir: Path
 
 def test_a_killed_worker_loses_no_image(server: ServeSettings, export_dir: Path, data_dir: Path,
                                         tmp_path: Path) -> None:
-    pid = workers(server)[0]["pid"]
-    seen = metric(server, "XrayRequests")
+    before = workers(server)
+    pid = before[0]["pid"]
+    seen = metric_sum(server.metrics_url, "XrayRequests")
     proc = subprocess.Popen(
         [sys.executable, "-m", "serving.evaluate", "--url", server.inference_url, "--key-file", str(server.key_file),
          "--data-dir", str(data_dir), "--expect", str(export_dir / "predictions_cnn.json"),
@@ -53,11 +43,15 @@ def test_a_killed_worker_loses_no_image(server: ServeSettings, export_dir: Path,
         cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         deadline = time.monotonic() + 120
-        while metric(server, "XrayRequests") < seen + 80 and time.monotonic() < deadline:
+        while metric_sum(server.metrics_url, "XrayRequests") < seen + 80 and time.monotonic() < deadline:
             time.sleep(0.1)  # evaluate is under way
         os.kill(pid, signal.SIGKILL)
         killed = time.monotonic()
-        while not any(w["status"] == "READY" and w["pid"] != pid for w in workers(server)):
+        def recovered() -> bool:  # every worker READY again, the killed one replaced
+            now = workers(server)
+            return len(now) == len(before) and all(w["status"] == "READY" and w["pid"] != pid for w in now)
+
+        while not recovered():
             assert time.monotonic() - killed < 120, "TorchServe did not restart the worker"
             time.sleep(0.1)
         recovery = time.monotonic() - killed
@@ -70,6 +64,6 @@ def test_a_killed_worker_loses_no_image(server: ServeSettings, export_dir: Path,
     assert report["answered"] == report["images"] == len(names) == len(set(names)), "an image lost or doubled"
     assert report["unanswered"] == []
     assert report["expect"]["compared"] == len(names) and report["expect"]["mismatches"] == []
-    print(f"worker {pid} killed; a new worker READY after {recovery:.1f}s; "
+    print(f"worker {pid} killed (of {len(before)}); all workers READY again after {recovery:.1f}s; "
           f"{report['retried_images']} images retried, {report['answered']}/{report['images']} answered once")
     assert recovery < 60

@@ -10,7 +10,7 @@ import pytest
 from handlers.schemas import ErrorBody, Prediction
 from serving.settings import ServeSettings
 from tests.bad_inputs import Case, cases
-from tests.helpers import keys
+from tests.helpers import keys, workers
 
 pytestmark = [pytest.mark.server, pytest.mark.slow]
 
@@ -21,9 +21,7 @@ def post(settings: ServeSettings, body: bytes, content_type: str) -> httpx.Respo
 
 
 def worker_pids(settings: ServeSettings) -> list[int]:
-    r = httpx.get(f"{settings.management_url}/models/xray", timeout=10,
-                  headers={"Authorization": f"Bearer {keys(settings)['management']}"})
-    return sorted(w["pid"] for w in r.json()[0]["workers"])
+    return sorted(w["pid"] for w in workers(settings))
 
 
 def check(case: Case, r: httpx.Response) -> None:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import io
 import json
-import re
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -15,6 +14,7 @@ from PIL import Image
 
 from handlers.schemas import ErrorBody, Prediction
 from serving import launcher
+from serving.bench import metric_sum
 from serving.settings import REPO_ROOT, ServeSettings
 from tests.helpers import keys, serve_settings
 
@@ -29,12 +29,6 @@ def predict(settings: ServeSettings, body: bytes, token: str | None = "auto", **
         headers["Authorization"] = f"Bearer {token}"
     return httpx.post(f"{settings.inference_url}/predictions/xray", content=body if not kw.get("files") else None,
                       headers=headers, timeout=60, **kw)
-
-
-def metric_value(settings: ServeSettings, name: str) -> float:
-    text = httpx.get(f"{settings.metrics_url}/metrics", timeout=10).text
-    values = [float(m.group(1)) for m in re.finditer(rf"^{name}{{[^}}]*}} ([0-9.eE+-]+)$", text, re.M)]
-    return sum(values)
 
 
 def test_png_and_jpeg_answer_with_the_schema(server: ServeSettings, sample_jpeg: bytes) -> None:
@@ -67,7 +61,7 @@ def test_multipart_fields_data_and_file(server: ServeSettings, sample_jpeg: byte
 
 
 def test_concurrent_requests_are_batched_and_bad_ones_answered_alone(server: ServeSettings, sample_jpeg: bytes) -> None:
-    batches0, requests0 = metric_value(server, "XrayBatches"), metric_value(server, "XrayRequests")
+    batches0, requests0 = metric_sum(server.metrics_url, "XrayBatches"), metric_sum(server.metrics_url, "XrayRequests")
     bodies = [sample_jpeg] * 7 + [b"this is not an image"]
     with ThreadPoolExecutor(len(bodies)) as pool:
         responses = list(pool.map(lambda b: predict(server, b), bodies))
@@ -77,8 +71,8 @@ def test_concurrent_requests_are_batched_and_bad_ones_answered_alone(server: Ser
     assert max(probs) - min(probs) < 1e-6  # the same image gets the same answer inside a batch
     err = ErrorBody.model_validate(responses[-1].json())
     assert err.code == 415 and err.type == "unsupported_media_type" and err.message
-    batches = metric_value(server, "XrayBatches") - batches0
-    requests = metric_value(server, "XrayRequests") - requests0
+    batches = metric_sum(server.metrics_url, "XrayBatches") - batches0
+    requests = metric_sum(server.metrics_url, "XrayRequests") - requests0
     assert requests == len(bodies)
     assert batches < requests, f"{requests} concurrent requests ran in {batches} batches: no batching"
 
