@@ -216,3 +216,34 @@ def test_evaluate_reads_the_course_npy_files(server: ServeSettings, data_dir: Pa
     assert report["answered"] == 8
     assert [p["file"] for p in report["predictions"]][:2] == ["test/NORMAL/00000", "test/NORMAL/00001"]
     assert sorted(p["label"] for p in report["predictions"]) == [0] * 4 + [1] * 4
+
+
+def test_client_copes_with_token_expiry(tmp_path: Path, model_store: Path, sample_jpeg: bytes) -> None:
+    """A server whose keys expire after 12 s: the old key is refused; once the operator renews it
+    (management /token with the API key), the same client answers without being rebuilt."""
+    from serving import launcher
+    from tests.helpers import serve_settings
+
+    s = serve_settings(tmp_path, model_store).model_copy(update={"token_expiration_min": 0.2}).resolved()
+    launcher.start(s, timeout=300)
+    try:
+        born = s.key_file.stat().st_mtime
+        c = client(s, retries=1, backoff=0.01)
+
+        async def flow() -> tuple[Prediction, int]:
+            async with c:
+                await c.predict(sample_jpeg)  # a fresh key: answered
+                await asyncio.sleep(max(0.0, born + 13 - time.time()))
+                stale = await asyncio.to_thread(
+                    httpx.post, f"{s.inference_url}/predictions/xray", content=sample_jpeg, timeout=30,
+                    headers={"Authorization": f"Bearer {c.token}", "Content-Type": "image/jpeg"})
+                assert stale.status_code == 400 and "InvalidKeyException" in stale.text, "the key did not expire"
+                r = await asyncio.to_thread(httpx.get, f"{s.management_url}/token", params={"type": "inference"},
+                                            timeout=10, headers={"Authorization": f"Bearer {keys(s)['API']}"})
+                assert r.status_code == 200, r.text  # the API key never expires
+                return await c.predict_counted(sample_jpeg)
+
+        prediction, attempts = asyncio.run(flow())
+        assert isinstance(prediction, Prediction) and attempts == 2 and c.token == keys(s)["inference"]
+    finally:
+        launcher.stop(s)
