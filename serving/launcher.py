@@ -76,6 +76,17 @@ def probe_image() -> bytes:
     return buf.getvalue()
 
 
+def list_workers(management_url: str, management_token: str | None, timeout: float = 10) -> list[dict]:
+    """The model's workers (id, pid, status, ...) as the management API lists them; [] when it
+    answers anything but 200. Connection errors are raised (httpx.TransportError)."""
+    headers = {"Authorization": f"Bearer {management_token}"} if management_token else {}
+    r = httpx.get(f"{management_url}/models/{MODEL_NAME}", timeout=timeout, headers=headers)
+    try:
+        return list(r.json()[0].get("workers", [])) if r.status_code == 200 else []
+    except (ValueError, IndexError, AttributeError):
+        return []
+
+
 def log_tail(s: ServeSettings, n: int = 40, name: str = "model_log.log") -> str:
     """The worker's last log lines (its tracebacks land in model_log.log), without the log prefix."""
     path = s.log_dir / name
@@ -128,12 +139,10 @@ def wait_ready(s: ServeSettings, timeout: float = 240) -> Prediction:
             continue
         keys = read_keys(s.key_file)
         try:
-            r = httpx.get(f"{s.management_url}/models/{MODEL_NAME}", timeout=5,
-                          headers={"Authorization": f"Bearer {keys['management']}"})
+            workers = list_workers(s.management_url, keys["management"], timeout=5)
         except httpx.TransportError:
             continue
-        workers = r.json()[0].get("workers", []) if r.status_code == 200 else []
-        status = ", ".join(w.get("status", "?") for w in workers) or f"HTTP {r.status_code}"
+        status = ", ".join(w.get("status", "?") for w in workers) or "no worker listed yet"
         if any(w.get("status") == "READY" for w in workers):
             r = httpx.post(f"{s.inference_url}/predictions/{MODEL_NAME}", content=probe_image(), timeout=60,
                            headers={"Authorization": f"Bearer {keys['inference']}"})
@@ -168,10 +177,8 @@ def status(s: ServeSettings) -> str:
         return "stopped"
     keys = read_keys(s.key_file) if s.key_file.is_file() else {}
     try:
-        r = httpx.get(f"{s.management_url}/models/{MODEL_NAME}", timeout=5,
-                      headers={"Authorization": f"Bearer {keys.get('management', '')}"})
-        workers = [f"{w['id']}:{w['status']}" for w in r.json()[0]["workers"]] if r.status_code == 200 else []
-    except (httpx.HTTPError, ValueError, KeyError, IndexError):
+        workers = [f"{w['id']}:{w['status']}" for w in list_workers(s.management_url, keys.get("management"), 5)]
+    except (httpx.HTTPError, KeyError):
         workers = []
     return f"running (pid {pid}) at {s.inference_url}; workers {workers or 'unknown'}; key file {s.key_file}"
 

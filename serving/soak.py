@@ -20,21 +20,19 @@ import sys
 import time
 from pathlib import Path
 
-import httpx
 import psutil
 
 from serving.bench import endpoint_level, load_bodies
 from serving.client import DEFAULT_URL, XrayClient
+from serving.launcher import list_workers
 from serving.settings import REPO_ROOT, token
 from training.sources import default_data_dir
 
 
 def worker_rss(management_url: str, mtoken: str | None) -> int:
     """Total RSS in bytes of the model's worker processes (0 when none answers)."""
-    r = httpx.get(f"{management_url}/models/xray", timeout=10,
-                  headers={"Authorization": f"Bearer {mtoken}"} if mtoken else {})
     total = 0
-    for w in r.json()[0]["workers"] if r.status_code == 200 else []:
+    for w in list_workers(management_url, mtoken):
         with contextlib.suppress(psutil.Error, ValueError):
             total += psutil.Process(int(w["pid"])).memory_info().rss
     return total

@@ -84,8 +84,6 @@ def keys(settings: ServeSettings) -> dict[str, str]:
 
 def workers(settings: ServeSettings) -> list[dict]:
     """The model's workers as the management API lists them (id, pid, status, ...)."""
-    import httpx
+    from serving.launcher import list_workers
 
-    r = httpx.get(f"{settings.management_url}/models/xray", timeout=10,
-                  headers={"Authorization": f"Bearer {keys(settings)['management']}"})
-    return r.json()[0]["workers"]
+    return list_workers(settings.management_url, keys(settings)["management"])
