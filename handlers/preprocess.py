@@ -15,9 +15,13 @@ from __future__ import annotations
 
 import io
 import warnings
+from typing import TYPE_CHECKING
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
+
+if TYPE_CHECKING:
+    from pydicom.dataset import Dataset
 
 # Refused before any pixel is decoded: a 6000x6000 image is already larger than any
 # radiograph we serve, and the header alone tells us (decompression bombs).
@@ -160,17 +164,43 @@ def _decode_npy(data: bytes) -> np.ndarray:
 DICOM_MODALITIES = ("CR", "DX", "DR", "RG")
 DICOM_BODY_PARTS = ("", "CHEST", "THORAX", "LUNG")
 
+# Transfer syntax -> (name, pydicom decoding plugin; "" = pydicom reads the native encoding itself).
+# Every plugin here is permissively licensed: Pillow (MIT-CMU) for baseline JPEG, pylibjpeg with
+# pylibjpeg-openjpeg (MIT; OpenJPEG is BSD-2) for JPEG 2000 and HTJ2K, pydicom (MIT) for RLE.
+# JPEG lossless (process 14) and JPEG-LS would need GDCM or pylibjpeg-libjpeg (GPL-3): refused.
+# The plugin is named, not left to pydicom's choice, so a server with Pillow's own OpenJPEG build
+# decodes JPEG 2000 exactly as the tests did.
+DICOM_TRANSFER_SYNTAXES: dict[str, tuple[str, str]] = {
+    "1.2.840.10008.1.2": ("Implicit VR Little Endian", ""),
+    "1.2.840.10008.1.2.1": ("Explicit VR Little Endian", ""),
+    "1.2.840.10008.1.2.1.99": ("Deflated Explicit VR Little Endian", ""),
+    "1.2.840.10008.1.2.2": ("Explicit VR Big Endian", ""),
+    "1.2.840.10008.1.2.4.50": ("JPEG Baseline (Process 1)", "pillow"),
+    "1.2.840.10008.1.2.4.90": ("JPEG 2000 Image Compression (Lossless Only)", "pylibjpeg"),
+    "1.2.840.10008.1.2.4.91": ("JPEG 2000 Image Compression", "pylibjpeg"),
+    "1.2.840.10008.1.2.4.201": ("High-Throughput JPEG 2000 (Lossless Only)", "pylibjpeg"),
+    "1.2.840.10008.1.2.4.202": ("High-Throughput JPEG 2000 with RPCL Options (Lossless Only)", "pylibjpeg"),
+    "1.2.840.10008.1.2.4.203": ("High-Throughput JPEG 2000", "pylibjpeg"),
+    "1.2.840.10008.1.2.5": ("RLE Lossless", "pydicom"),
+}
+# Data errors pydicom's decoders and LUT functions raise on a malformed file.
+_DICOM_DATA_ERRORS = (ValueError, TypeError, KeyError, IndexError, AttributeError, NotImplementedError,
+                      RuntimeError, OverflowError, EOFError)
+
 
 def _decode_dicom(data: bytes) -> np.ndarray:
-    """A single-frame grayscale radiograph: modality LUT (rescale slope/intercept), then the VOI
-    window when the file has one, else its stored bit range, to [0, 1]; MONOCHROME1 inverted."""
+    """A single-frame grayscale radiograph through the DICOM grayscale pipeline -> [0, 1]."""
     import pydicom  # only DICOM requests pay for the import
-    from pydicom.pixels import apply_modality_lut
 
     try:
-        ds = pydicom.dcmread(io.BytesIO(data))
-    except Exception as exc:
+        return _dicom_pixels(pydicom.dcmread(io.BytesIO(data)))
+    except PreprocessError:
+        raise
+    except Exception as exc:  # pydicom parses elements lazily: a damaged one fails when first read
         raise PreprocessError(400, "corrupt_dicom", f"cannot parse the DICOM file: {exc}") from None
+
+
+def _dicom_pixels(ds: Dataset) -> np.ndarray:
     modality = str(ds.get("Modality", "")).upper()
     if modality not in DICOM_MODALITIES:
         raise PreprocessError(422, "not_a_radiograph",
@@ -180,32 +210,110 @@ def _decode_dicom(data: bytes) -> np.ndarray:
         raise PreprocessError(422, "not_a_radiograph", f"DICOM BodyPartExamined is '{body_part}', not the chest")
     if "PixelData" not in ds:
         raise PreprocessError(400, "no_pixel_data", "the DICOM file has no pixel data")
-    if int(ds.get("SamplesPerPixel", 1)) != 1 or int(ds.get("NumberOfFrames", 1) or 1) != 1:
-        raise PreprocessError(400, "invalid_dicom", "only single-frame grayscale DICOM images are accepted")
-    _check_size(int(ds.get("Columns", 0)), int(ds.get("Rows", 0)))
     try:
-        stored = ds.pixel_array
-    except Exception as exc:  # a compressed transfer syntax without a decoder, or broken pixel data
-        syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
-        name = getattr(syntax, "name", str(syntax))
+        frames = int(ds.get("NumberOfFrames", 1) or 1)
+        samples = int(ds.get("SamplesPerPixel", 1))
+        rows, columns = int(ds.get("Rows", 0)), int(ds.get("Columns", 0))
+    except (TypeError, ValueError) as exc:
+        raise PreprocessError(400, "invalid_dicom", f"unreadable image attributes: {exc}") from None
+    photometric = str(ds.get("PhotometricInterpretation", "")).upper()
+    if samples != 1 or frames != 1 or photometric not in ("MONOCHROME1", "MONOCHROME2"):
+        raise PreprocessError(400, "invalid_dicom", "only single-frame grayscale (MONOCHROME1/2) DICOM images "
+                              f"are accepted; got {frames} frame(s), {samples} sample(s), '{photometric}'")
+    _check_size(columns, rows)
+    syntax = str(getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", "") or "")
+    if syntax not in DICOM_TRANSFER_SYNTAXES:
+        supported = "; ".join(name for name, _ in DICOM_TRANSFER_SYNTAXES.values())
         raise PreprocessError(415, "unsupported_transfer_syntax",
-                              f"cannot decode DICOM pixel data ({name}): {exc}") from None
-    values = apply_modality_lut(stored.astype(np.float64), ds)
-    if "WindowCenter" in ds and "WindowWidth" in ds:
-        center = float(np.ravel(ds.WindowCenter)[0])
-        width = max(float(np.ravel(ds.WindowWidth)[0]), 1.0)
-        lo, hi = center - width / 2, center + width / 2
-    else:  # the full range the stored bits can hold, through the same modality LUT
-        bits = int(ds.get("BitsStored", stored.dtype.itemsize * 8))
-        signed = int(ds.get("PixelRepresentation", 0)) == 1
-        ends = np.array([-(2 ** (bits - 1)), 2 ** (bits - 1) - 1] if signed else [0, 2**bits - 1], np.float64)
-        lo, hi = sorted(apply_modality_lut(ends, ds))
-    gray = np.clip((values - lo) / max(hi - lo, 1e-12), 0.0, 1.0)
-    if str(ds.get("PhotometricInterpretation", "")).upper() == "MONOCHROME1":
-        gray = 1.0 - gray  # MONOCHROME1: high values are dark
+                              f"DICOM transfer syntax {_syntax_name(syntax)} is not decoded here; send one of: "
+                              f"{supported}")
+    name, plugin = DICOM_TRANSFER_SYNTAXES[syntax]
+    if plugin in ("pillow", "pylibjpeg"):
+        _check_codestream(ds, name, plugin, rows, columns)
+    try:
+        ds.pixel_array_options(decoding_plugin=plugin)
+        stored = ds.pixel_array
+    except Exception as exc:  # broken pixel data: the syntax itself is supported
+        raise PreprocessError(400, "corrupt_dicom", f"cannot decode the {name} pixel data: {exc}") from None
+    if stored.shape != (rows, columns):
+        raise PreprocessError(400, "invalid_dicom", f"decoded pixel data is {stored.shape}, not {rows}x{columns}")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # non-finite results are refused below
+            gray = dicom_to_gray(stored, ds)
+    except _DICOM_DATA_ERRORS as exc:
+        raise PreprocessError(400, "invalid_dicom", f"cannot apply the DICOM grayscale transforms: {exc}") from None
     if not np.isfinite(gray).all():
         raise PreprocessError(400, "invalid_dicom", "DICOM pixel values are not finite")
     return gray.astype(np.float32)
+
+
+def _syntax_name(syntax: str) -> str:
+    if not syntax:
+        return "(none given)"
+    from pydicom.uid import UID
+
+    name = UID(syntax).name
+    return f"{name} ({syntax})" if name != syntax else syntax
+
+
+def _check_codestream(ds: Dataset, name: str, plugin: str, rows: int, columns: int) -> None:
+    """The compressed frame must say it is Rows x Columns: its own header is what the decoder
+    allocates from, so a small file claiming a huge codestream is refused before decoding."""
+    from pydicom.encaps import get_frame
+
+    try:
+        frame = get_frame(ds.PixelData, 0, number_of_frames=1)
+        if plugin == "pylibjpeg":
+            from openjpeg import get_parameters
+
+            params = get_parameters(frame)
+            size = (int(params["rows"]), int(params["columns"]))
+        else:
+            with Image.open(io.BytesIO(frame), formats=["JPEG"]) as image:  # reads the header only
+                size = (image.height, image.width)
+    except Exception as exc:
+        raise PreprocessError(400, "corrupt_dicom", f"cannot read the {name} codestream header: {exc}") from None
+    if size != (rows, columns):
+        raise PreprocessError(400, "invalid_dicom", f"the {name} codestream is {size[0]}x{size[1]} but the "
+                              f"DICOM header says {rows}x{columns}")
+
+
+def dicom_to_gray(stored: np.ndarray, ds: Dataset) -> np.ndarray:
+    """Stored values -> [0, 1] P-values (bright = dense), with pydicom's own LUT functions:
+    modality LUT (rescale or LUT sequence), VOI (LUT sequence, else window LINEAR / LINEAR_EXACT /
+    SIGMOID), then the presentation LUT (shape or sequence); MONOCHROME1 without one is inverted,
+    as the standard implies an INVERSE presentation LUT for it."""
+    from pydicom.pixels import apply_modality_lut, apply_presentation_lut, apply_voi_lut
+    from pydicom.pixels.processing import apply_windowing
+
+    values = apply_modality_lut(stored, ds)
+    voi_lut = ds.get("VOILUTSequence")
+    if voi_lut and "LUTDescriptor" in voi_lut[0] and "LUTData" in voi_lut[0]:
+        # A VOI LUT maps integer inputs; its output range is fixed by its entry depth.
+        values = np.rint(values).astype(np.int64)
+        lo, hi = 0.0, float(2 ** int(voi_lut[0].LUTDescriptor[2]) - 1)
+    elif "WindowCenter" in ds and "WindowWidth" in ds:
+        # pydicom maps values far below and above the window onto the ends of its output range
+        # (in that order: with a negative rescale slope its "y_min" is the larger one).
+        lo, hi = (float(v) for v in apply_windowing(np.array([-np.inf, np.inf]), ds))
+    else:  # no VOI: the range the stored bits can hold, through the same modality LUT
+        bits = int(ds.get("BitsStored", stored.dtype.itemsize * 8))
+        signed = int(ds.get("PixelRepresentation", 0)) == 1
+        ends = np.array([-(2 ** (bits - 1)), 2 ** (bits - 1) - 1] if signed else [0, 2**bits - 1])
+        lo, hi = sorted(float(v) for v in apply_modality_lut(ends, ds))  # an inverting LUT swaps them
+    values = apply_voi_lut(values, ds)
+    gray = np.clip((np.asarray(values, np.float64) - lo) / (hi - lo if hi != lo else 1.0), 0.0, 1.0)
+    if "PresentationLUTSequence" in ds or "PresentationLUTShape" in ds:
+        # pydicom scales its input by the array's own min and max: the two appended values make
+        # that the VOI output range, so the result does not depend on the image's contents.
+        p_values = apply_presentation_lut(np.concatenate([gray.ravel(), [0.0, 1.0]]), ds)[:-2]
+        gray = np.asarray(p_values, np.float64).reshape(gray.shape)
+        if "PresentationLUTSequence" in ds:
+            gray = gray / float(2 ** int(ds.PresentationLUTSequence[0].LUTDescriptor[2]) - 1)
+    elif str(ds.get("PhotometricInterpretation", "")).upper() == "MONOCHROME1":
+        gray = 1.0 - gray  # MONOCHROME1: the lowest value is white
+    return gray
 
 
 def resize(gray: np.ndarray, size: int) -> np.ndarray:
