@@ -57,7 +57,7 @@ def list_items(data_dir: Path, split: str) -> list[Item]:
         fmt = detect_format(data_dir)
     except FileNotFoundError as exc:
         raise EvaluateError(str(exc), 2) from None
-    if fmt == "imagefolder":
+    if fmt in ("imagefolder", "labelled"):
         try:
             return [(path.relative_to(data_dir).as_posix(), path, label)
                     for path, label in list_image_folder(data_dir, split)]

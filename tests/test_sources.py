@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from training import data as datalib
 from training.metrics import binary_metrics, youden_threshold
@@ -91,3 +92,45 @@ def test_augment_shape_and_determinism() -> None:
     assert not torch.allclose(a, c)
     assert not torch.allclose(a, x)
     assert torch.isfinite(a).all()
+
+
+def write_images(folder: Path, values: list[int], suffix: str = ".png") -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, v in enumerate(values):
+        Image.fromarray(np.full((40, 40), v, np.uint8)).save(folder / f"img{i}{suffix}")
+
+
+def test_labelled_folder_without_splits(tmp_path: Path) -> None:
+    write_images(tmp_path / "normal", [10, 11])  # any case
+    write_images(tmp_path / "Pneumonia", [200])
+    write_images(tmp_path / "Pneumonia" / "patient7", [201], ".jpeg")  # nested folders count too
+    (tmp_path / "Pneumonia" / "notes.txt").write_text("not an image")
+    assert detect_format(tmp_path) == "labelled"
+    items = list(iter_split(tmp_path, "test"))
+    assert [label for _, _, label in items] == [0, 0, 1, 1]
+    assert [name for name, _, _ in items][:3] == ["normal/img0.png", "normal/img1.png", "Pneumonia/img0.png"]
+    assert [round(float(img[0, 0]) * 255) for _, img, _ in items][:3] == [10, 11, 200]
+    with pytest.raises(FileNotFoundError, match="training needs"):  # never trained on by accident
+        list(iter_split(tmp_path, "train"))
+
+
+def test_imagefolder_class_names_any_case(tmp_path: Path) -> None:
+    write_images(tmp_path / "test" / "Normal", [5])
+    write_images(tmp_path / "test" / "PNEUMONIA", [250, 251])
+    assert detect_format(tmp_path) == "imagefolder"
+    assert [label for _, _, label in iter_split(tmp_path, "test")] == [0, 1, 1]
+
+
+def test_a_folder_that_is_neither_is_refused_clearly(tmp_path: Path) -> None:
+    write_images(tmp_path / "cats", [1])
+    (tmp_path / "readme.txt").write_text("x")
+    with pytest.raises(FileNotFoundError) as info:
+        detect_format(tmp_path)
+    message = str(info.value)
+    assert "NORMAL/" in message and "x_test_normal.npy" in message and "cats/, readme.txt" in message
+    with pytest.raises(FileNotFoundError, match="no such folder"):
+        detect_format(tmp_path / "missing")
+    write_images(tmp_path / "NORMAL", [1])
+    write_images(tmp_path / "normal", [2])
+    with pytest.raises(FileNotFoundError, match="both"):
+        detect_format(tmp_path)

@@ -48,7 +48,7 @@ class Split:
 
 def _cache_key(data_dir: Path, split: str, size: int) -> str:
     h = hashlib.sha256(f"{CACHE_VERSION}|{Path(data_dir).resolve()}|{split}|{size}".encode())
-    if detect_format(data_dir) == "imagefolder":
+    if detect_format(data_dir) in ("imagefolder", "labelled"):
         for path, label in list_image_folder(data_dir, split):
             st = path.stat()
             h.update(f"{path.name}|{label}|{st.st_size}|{st.st_mtime_ns}".encode())

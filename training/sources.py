@@ -1,4 +1,11 @@
-"""Where images come from: the ImageFolder tree, the course's .npy arrays, MedMNIST .npz.
+"""Where images come from: an ImageFolder tree, a labelled folder, the course's .npy arrays, MedMNIST .npz.
+
+    imagefolder  DATA_DIR/{train,val,test}/{NORMAL,PNEUMONIA}/...   (the shared data set)
+    labelled     DATA_DIR/{NORMAL,PNEUMONIA}/...                      (no split level: one evaluation set)
+    npy          DATA_DIR/x_test_normal.npy, x_test_pneumonia.npy     (or test_normal.npy, ...)
+    medmnist     DATA_DIR = pneumoniamnist.npz
+
+Class folders match case-insensitively and may hold subfolders (a folder per patient).
 
 Torch-free, so the client can list and read a split too. Every source yields float32
 [0, 1] grayscale images through handlers.preprocess and labels 0 = NORMAL, 1 = PNEUMONIA.
@@ -18,7 +25,9 @@ from handlers.schemas import CLASS_NAMES
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SPLITS = ("train", "val", "test")
 MIN_DATASET_SIDE = 8  # MedMNIST's classic images are 28x28; requests keep preprocess.MIN_SIDE
-IMAGE_SUFFIXES = (".jpeg", ".jpg", ".png")
+IMAGE_SUFFIXES = (".jpeg", ".jpg", ".png", ".dcm", ".dicom")
+# A labelled folder has no split level: it is one set to evaluate on, never to train on.
+LABELLED_SPLIT = "test"
 
 
 def default_data_dir() -> Path:
@@ -26,19 +35,42 @@ def default_data_dir() -> Path:
     return Path(os.environ.get("DATA_DIR", REPO_ROOT.parent / "shared" / "data" / "chest_xray"))
 
 
+def class_dirs(root: Path) -> dict[int, Path]:
+    """{label: subfolder of root named after that class}, names matched case-insensitively."""
+    found: dict[int, Path] = {}
+    if not Path(root).is_dir():
+        return found
+    for sub in sorted(Path(root).iterdir()):
+        if sub.is_dir() and sub.name.upper() in CLASS_NAMES:
+            label = CLASS_NAMES.index(sub.name.upper())
+            if label in found:
+                raise FileNotFoundError(f"{root}: {found[label].name}/ and {sub.name}/ are both {CLASS_NAMES[label]}")
+            found[label] = sub
+    return found
+
+
 def list_image_folder(data_dir: Path, split: str) -> list[tuple[Path, int]]:
-    """SPLIT/NORMAL/*, SPLIT/PNEUMONIA/* -> sorted (path, label) pairs."""
-    root = Path(data_dir) / split
-    if not root.is_dir():
-        raise FileNotFoundError(f"no '{split}' split at {root} (set DATA_DIR to an ImageFolder tree)")
+    """Every image of a split -> sorted (path, label) pairs: SPLIT/{NORMAL,PNEUMONIA}/** of an
+    ImageFolder tree, or {NORMAL,PNEUMONIA}/** of a labelled folder (its only split: 'test')."""
+    data_dir = Path(data_dir)
+    if detect_format(data_dir) == "labelled":
+        if split != LABELLED_SPLIT:
+            raise FileNotFoundError(
+                f"{data_dir} is a labelled folder (class folders, no train/val/test level): one set to evaluate, "
+                f"read as split '{LABELLED_SPLIT}'; training needs DATA_DIR with train/ and val/ splits")
+        root = data_dir
+    else:
+        root = data_dir / split
+        if not root.is_dir():
+            raise FileNotFoundError(f"no '{split}' split at {root} (set DATA_DIR to an ImageFolder tree)")
     items = [
         (path, label)
-        for label, name in enumerate(CLASS_NAMES)
-        for path in sorted((root / name).glob("*"))
-        if path.suffix.lower() in IMAGE_SUFFIXES
+        for label, folder in sorted(class_dirs(root).items())
+        for path in sorted(folder.rglob("*"))
+        if path.suffix.lower() in IMAGE_SUFFIXES and path.is_file() and not path.name.startswith(".")
     ]
     if not items:
-        raise FileNotFoundError(f"no images under {root}/{{{','.join(CLASS_NAMES)}}}")
+        raise FileNotFoundError(f"no {'/'.join(IMAGE_SUFFIXES)} images under {root}/{{{','.join(CLASS_NAMES)}}}")
     return items
 
 
@@ -77,23 +109,31 @@ def load_medmnist(npz_path: Path, split: str) -> tuple[list[np.ndarray], np.ndar
 
 
 def detect_format(data_dir: Path) -> str:
-    """'imagefolder', 'npy' or 'medmnist' (a .npz file given as DATA_DIR)."""
+    """'imagefolder', 'labelled', 'npy' or 'medmnist' (a .npz file given as DATA_DIR)."""
     data_dir = Path(data_dir)
     if data_dir.is_file() and data_dir.suffix == ".npz":
         return "medmnist"
-    if (data_dir / "train").is_dir() or (data_dir / "test").is_dir():
+    if not data_dir.is_dir():
+        raise FileNotFoundError(f"{data_dir}: no such folder (nor a MedMNIST .npz file)")
+    if any((data_dir / s).is_dir() for s in SPLITS):
         return "imagefolder"
     if any(find_npy_split(data_dir, s) for s in SPLITS):
         return "npy"
+    if class_dirs(data_dir):
+        return "labelled"
+    held = sorted(p.name + ("/" if p.is_dir() else "") for p in data_dir.iterdir() if not p.name.startswith("."))
     raise FileNotFoundError(
-        f"{data_dir}: not an ImageFolder tree, a folder of course .npy files, or a MedMNIST .npz"
+        f"{data_dir}: not a data folder. Expected split folders ({'/, '.join(SPLITS)}/) holding "
+        f"{'/ and '.join(CLASS_NAMES)}/, class folders {'/ and '.join(CLASS_NAMES)}/ (any case), the course's "
+        f"x_test_normal.npy and x_test_pneumonia.npy, or a MedMNIST .npz file; it holds: "
+        f"{', '.join(held[:12]) or 'nothing'}{' ...' if len(held) > 12 else ''}"
     )
 
 
 def iter_split(data_dir: Path, split: str) -> Iterator[tuple[str, np.ndarray, int]]:
     """(name, float32 [0,1] gray image, label) for every image of a split, in a stable order."""
     fmt = detect_format(data_dir)
-    if fmt == "imagefolder":
+    if fmt in ("imagefolder", "labelled"):
         for path, label in list_image_folder(data_dir, split):
             yield str(path.relative_to(data_dir)), preprocess.decode(path.read_bytes()), label
         return
