@@ -11,7 +11,8 @@ URL ?= http://127.0.0.1:8080
 SPLIT ?= test
 BACKEND ?= onnxruntime
 
-.PHONY: setup java test lint train experiments export archive serve stop evaluate bench soak clean help \
+.PHONY: setup java test lint train experiments export archive serve stop evaluate evaluate-offline \
+	predict-offline bench soak clean help \
 	docker-build docker-run docker-test
 
 help:
@@ -56,6 +57,13 @@ stop: setup ## stop TorchServe
 
 evaluate: setup ## every image of SPLIT through the live endpoint -> reports/evaluate/
 	$(PY) -m serving.evaluate --url $(URL) --split $(SPLIT) $(if $(EXPECT),--expect $(EXPECT),)
+
+evaluate-offline: setup ## the same report with the handler in process, no server (MODEL=.mar|.onnx|checkpoint) -> reports/evaluate-offline/
+	$(PY) -m serving.offline evaluate --split $(SPLIT) $(if $(MODEL),--model $(MODEL),) $(if $(EXPECT),--expect $(EXPECT),)
+
+predict-offline: setup ## IMAGE=chest.jpeg: label, P(PNEUMONIA) and each class's confidence, no server (MODEL=...)
+	@test -f "$(IMAGE)" || { echo "usage: make predict-offline IMAGE=path/to/chest.jpeg [MODEL=...] (no file '$(IMAGE)')" >&2; exit 2; }
+	$(PY) -m serving.offline predict $(IMAGE) $(if $(MODEL),--model $(MODEL),)
 
 bench: setup ## in-process limit vs live endpoint at concurrency 1/8/32/64 -> reports/bench.md
 	@command -v wrk >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk; } \

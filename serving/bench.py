@@ -40,7 +40,7 @@ from handlers.backends import load_runner, pneumonia_probability
 from handlers.preprocess import preprocess
 from serving import launcher
 from serving.client import XrayClient, XrayError
-from serving.evaluate import list_items, stratified
+from serving.evaluation import list_items, stratified
 from serving.settings import ServeSettings
 from training.sources import REPO_ROOT, default_data_dir
 

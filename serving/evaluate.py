@@ -5,10 +5,11 @@
                                [--expect artifacts/export/predictions_cnn.json] [--tolerance 1e-5]
                                [--out-dir reports/evaluate]
 
-D is an ImageFolder tree (SPLIT/{NORMAL,PNEUMONIA}/*.jpeg) or a folder with the course's
-x_test_normal.npy / x_test_pneumonia.npy (or test_normal.npy / ...): each array is sent as a
-.npy body. Metrics are computed on the SERVED probabilities at the SERVED threshold. Writes
-OUT/evaluate.json, OUT/evaluate.md, OUT/roc.png and OUT/confusion.png.
+D is an ImageFolder tree (SPLIT/{NORMAL,PNEUMONIA}/*.jpeg), a labelled folder ({NORMAL,PNEUMONIA}/*,
+no split level), or a folder with the course's x_test_normal.npy / x_test_pneumonia.npy (or
+test_normal.npy / ...): each array is sent as a .npy body. Metrics are computed on the SERVED
+probabilities at the SERVED threshold. The report (serving.evaluation, shared with
+`python -m serving.offline evaluate`) goes to OUT/evaluate.json, evaluate.md, roc.png, confusion.png.
 
 Exit status: 0 ok; 1 when an image is unanswered, accuracy < --min-accuracy or a served
 probability differs from --expect; 2 when the server is unreachable or the input is missing.
@@ -18,73 +19,24 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import io
-import json
 import sys
 import time
 from pathlib import Path
-from typing import Any
 
-import numpy as np
-
-from handlers.schemas import CLASS_NAMES
-from serving.client import Body, Result, XrayClient, XrayHTTPError, XrayUnavailable
-from training.metrics import binary_metrics
-from training.plots import plot_confusion, plot_roc
-from training.sources import REPO_ROOT, default_data_dir, detect_format, find_npy_split, list_image_folder
-
-DEFAULT_OUT = REPO_ROOT / "reports" / "evaluate"
-Item = tuple[str, Body, int]  # name (relative to the data dir), body, label
-
-
-class EvaluateError(RuntimeError):
-    """Reported as one line on stderr; `status` is the exit status."""
-
-    def __init__(self, message: str, status: int = 1) -> None:
-        super().__init__(message)
-        self.status = status
-
-
-def npy_bytes(arr: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    np.save(buf, arr, allow_pickle=False)
-    return buf.getvalue()
-
-
-def list_items(data_dir: Path, split: str) -> list[Item]:
-    """Every image of the split: files of an ImageFolder tree, or the arrays of the course's .npy files."""
-    try:
-        fmt = detect_format(data_dir)
-    except FileNotFoundError as exc:
-        raise EvaluateError(str(exc), 2) from None
-    if fmt in ("imagefolder", "labelled"):
-        try:
-            return [(path.relative_to(data_dir).as_posix(), path, label)
-                    for path, label in list_image_folder(data_dir, split)]
-        except FileNotFoundError as exc:
-            raise EvaluateError(str(exc), 2) from None
-    found = find_npy_split(data_dir, split) if fmt == "npy" else None
-    if found is None:
-        raise EvaluateError(f"{data_dir}: no {split} images (ImageFolder or course .npy files)", 2)
-    items: list[Item] = []
-    for label, path in enumerate(found):
-        arr = np.load(path, allow_pickle=False)
-        arr = arr[None] if arr.ndim == 2 else arr
-        # The same names as training.sources.iter_split gives these arrays.
-        items += [(f"{split}/{CLASS_NAMES[label]}/{i:05d}", npy_bytes(a), label) for i, a in enumerate(arr)]
-    return items
-
-
-def stratified(items: list[Item], limit: int | None) -> list[Item]:
-    """At most `limit` items, each class in its share (at least one), evenly spaced in sorted order."""
-    if not limit or limit >= len(items):
-        return items
-    out: list[Item] = []
-    for label in (0, 1):
-        group = [it for it in items if it[2] == label]
-        k = min(len(group), max(1, round(limit * len(group) / len(items))))
-        out += [group[i] for i in np.linspace(0, len(group) - 1, k).round().astype(int)]
-    return out
+from serving.client import Result, XrayClient, XrayHTTPError, XrayUnavailable
+from serving.evaluation import (
+    DEFAULT_OUT,
+    EvaluateError,
+    Item,
+    build_report,
+    check,
+    compare,
+    list_items,
+    stratified,
+    table,
+    write_outputs,
+)
+from training.sources import default_data_dir
 
 
 async def collect(client: XrayClient, items: list[Item], url: str) -> tuple[dict[str, Result], float]:
@@ -106,99 +58,6 @@ async def collect(client: XrayClient, items: list[Item], url: str) -> tuple[dict
     return results, time.perf_counter() - t0
 
 
-def compare(expect_path: Path, served: dict[str, float], threshold: float, tolerance: float) -> dict[str, Any]:
-    """Served vs offline (export's predictions_*.json) P(PNEUMONIA), by file name."""
-    try:
-        offline_doc = json.loads(Path(expect_path).read_text())
-        offline = {p["file"]: float(p["probability"]) for p in offline_doc["predictions"]}
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise EvaluateError(f"--expect {expect_path}: not an export predictions file: {exc}", 2) from None
-    common = sorted(set(offline) & set(served))
-    if not common:
-        raise EvaluateError(f"--expect {expect_path}: none of its files was served (wrong split or data dir?)", 1)
-    diffs = {name: abs(served[name] - offline[name]) for name in common}
-    mismatches = [{"file": n, "served": served[n], "offline": offline[n], "diff": d}
-                  for n, d in sorted(diffs.items(), key=lambda kv: -kv[1]) if d > tolerance]
-    offline_thr = offline_doc.get("threshold")
-    return {"path": str(expect_path), "model": offline_doc.get("model"), "threshold": offline_thr,
-            "threshold_matches": offline_thr is None or abs(float(offline_thr) - threshold) <= 1e-9,
-            "tolerance": tolerance, "compared": len(common), "not_served": len(set(offline) - set(served)),
-            "max_abs_diff": max(diffs.values()), "mismatches": mismatches}
-
-
-def percentiles(latencies_s: list[float]) -> dict[str, float]:
-    ms = np.asarray(latencies_s) * 1000
-    return {f"p{q}": round(float(np.percentile(ms, q)), 2) for q in (50, 95, 99)} | {
-        "mean": round(float(ms.mean()), 2), "max": round(float(ms.max()), 2)}
-
-
-def build_report(items: list[Item], results: dict[str, Result], wall_s: float, args: argparse.Namespace) -> dict:
-    answered = [(name, label) for name, _, label in items if results[name].ok]
-    unanswered = [{"file": name, "error": str(results[name].error)} for name, _, _ in items if not results[name].ok]
-    preds = [results[name].prediction for name, _ in answered]
-    y = np.asarray([label for _, label in answered])
-    prob = np.asarray([p.probability for p in preds])
-    thresholds = sorted({p.threshold for p in preds})
-    models = sorted({f"{p.model} {p.version}" for p in preds})
-    first = preds[0]
-    attempts = [r.attempts for r in results.values()]
-    return {
-        "url": args.url, "data_dir": str(args.data_dir), "split": args.split, "images": len(items),
-        "answered": len(answered), "unanswered": unanswered,
-        "model": first.model, "version": first.version, "backend": first.backend, "device": first.device,
-        "threshold": thresholds[0], "thresholds_seen": thresholds, "models_seen": models,
-        "metrics": binary_metrics(y, prob, thresholds[0]),
-        "served_label_disagrees_with_threshold": sum(
-            p.label != CLASS_NAMES[int(p.probability >= p.threshold)] for p in preds),
-        "latency_ms": percentiles([results[name].latency_s for name, _ in answered]),
-        "throughput_rps": round(len(items) / wall_s, 2), "wall_s": round(wall_s, 2),
-        "concurrency": args.concurrency, "requests_sent": sum(attempts),
-        "retried_images": sum(a > 1 for a in attempts),
-        "predictions": [{"file": name, "label": label, "probability": p.probability, "predicted": p.label,
-                         "latency_ms": round(results[name].latency_s * 1000, 2),
-                         "attempts": results[name].attempts} for (name, label), p in zip(answered, preds, strict=True)],
-    }
-
-
-def table(report: dict) -> list[tuple[str, str]]:
-    m, lat = report["metrics"], report["latency_ms"]
-    rows = [("images answered", f"{report['answered']} / {report['images']}"),
-            ("model", f"{report['model']} {report['version']} ({report['backend']}, {report['device']})"),
-            ("threshold", f"{report['threshold']:.4f}")]
-    rows += [(k.replace("_", " "), f"{m[k]:.4f}") for k in
-             ("accuracy", "balanced_accuracy", "sensitivity", "specificity", "precision", "f1", "roc_auc")]
-    rows += [("confusion [tn fp; fn tp]", f"[{m['tn']} {m['fp']}; {m['fn']} {m['tp']}]"),
-             ("latency p50 / p95 / p99", f"{lat['p50']:.1f} / {lat['p95']:.1f} / {lat['p99']:.1f} ms"),
-             ("throughput", f"{report['throughput_rps']:.1f} img/s at concurrency {report['concurrency']}")]
-    if "expect" in report:
-        e = report["expect"]
-        rows.append(("served vs offline", f"{e['compared']} compared, max abs diff {e['max_abs_diff']:.2e}, "
-                     f"{len(e['mismatches'])} over {e['tolerance']:g}"))
-    return rows
-
-
-def write_outputs(report: dict, out_dir: Path) -> None:
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "evaluate.json").write_text(json.dumps(report, indent=1))
-    lines = [f"# Live endpoint evaluation: {report['split']} split", "",
-             f"{report['url']}, data {report['data_dir']}", "", "| | |", "|---|---|"]
-    lines += [f"| {k} | {v} |" for k, v in table(report)]
-    if report["unanswered"]:
-        lines += ["", "## Unanswered", ""] + [f"- {u['file']}: {u['error']}" for u in report["unanswered"]]
-    if report.get("expect", {}).get("mismatches"):
-        lines += ["", "## Served vs offline mismatches", ""]
-        lines += [f"- {m['file']}: served {m['served']:.6f}, offline {m['offline']:.6f}"
-                  for m in report["expect"]["mismatches"][:50]]
-    lines += ["", "![ROC](roc.png) ![confusion](confusion.png)", ""]
-    (out_dir / "evaluate.md").write_text("\n".join(lines))
-    y = np.asarray([p["label"] for p in report["predictions"]])
-    prob = np.asarray([p["probability"] for p in report["predictions"]])
-    if len(np.unique(y)) == 2:
-        plot_roc(y, prob, out_dir / "roc.png", title=f"ROC (served, {report['split']})")
-    pred = (prob >= report["threshold"]).astype(int)
-    plot_confusion(y, pred, out_dir / "confusion.png", title=f"served, threshold {report['threshold']:.3f}")
-
-
 def evaluate(args: argparse.Namespace) -> int:
     items = stratified(list_items(args.data_dir, args.split), args.limit)
 
@@ -210,7 +69,8 @@ def evaluate(args: argparse.Namespace) -> int:
     results, wall_s = asyncio.run(run())
     if not any(r.ok for r in results.values()):
         raise EvaluateError(f"no image was answered; first error: {next(iter(results.values())).error}", 1)
-    report = build_report(items, results, wall_s, args)
+    report = build_report(items, results, wall_s, {"mode": "live", "url": args.url, "data_dir": args.data_dir,
+                                                   "split": args.split, "concurrency": args.concurrency})
     if args.expect:
         served = {p["file"]: p["probability"] for p in report["predictions"]}
         report["expect"] = compare(args.expect, served, report["threshold"], args.tolerance)
@@ -219,26 +79,6 @@ def evaluate(args: argparse.Namespace) -> int:
     print("\n".join(f"{k:<{width}}  {v}" for k, v in table(report)))
     print(f"wrote {args.out_dir}/evaluate.json, evaluate.md, roc.png, confusion.png")
     return check(report, args.min_accuracy)
-
-
-def check(report: dict, min_accuracy: float | None) -> int:
-    failures = []
-    if report["unanswered"]:
-        names = ", ".join(u["file"] for u in report["unanswered"][:20])
-        failures.append(f"{len(report['unanswered'])} image(s) unanswered: {names}")
-    accuracy = report["metrics"]["accuracy"]
-    if min_accuracy is not None and accuracy < min_accuracy:
-        failures.append(f"accuracy {accuracy:.4f} < --min-accuracy {min_accuracy}")
-    expect = report.get("expect")
-    if expect and expect["mismatches"]:
-        names = ", ".join(f"{m['file']} ({m['diff']:.2e})" for m in expect["mismatches"][:10])
-        failures.append(f"{len(expect['mismatches'])} served probabilities differ from {expect['path']} by more "
-                        f"than {expect['tolerance']:g}: {names}")
-    if expect and not expect["threshold_matches"]:
-        failures.append(f"served threshold {report['threshold']} != offline threshold {expect['threshold']}")
-    for failure in failures:
-        print(f"error: {failure}", file=sys.stderr)
-    return 1 if failures else 0
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

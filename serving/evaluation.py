@@ -1,0 +1,212 @@
+"""The evaluation report, one library for `make evaluate` (live endpoint) and `make evaluate-offline`
+(the handler in this process): the images of a data source, the metrics, the tables and plots.
+
+    items = stratified(list_items(data_dir, "test"), limit)     # (name, body, label), bodies as sent
+    report = build_report(items, answers, wall_s, meta)          # answers: name -> Answer
+    write_outputs(report, out_dir); status = check(report, min_accuracy)
+
+An Answer is anything with .ok, .prediction (a Prediction), .error, .latency_s and .attempts:
+the live client's Result and the in-process worker's answer both are.
+Writes OUT/evaluate.json, OUT/evaluate.md, OUT/roc.png and OUT/confusion.png.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import sys
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+
+from handlers.schemas import CLASS_NAMES, Prediction
+from training.metrics import binary_metrics
+from training.plots import plot_confusion, plot_roc
+from training.sources import REPO_ROOT, detect_format, find_npy_split, list_image_folder
+
+DEFAULT_OUT = REPO_ROOT / "reports" / "evaluate"
+Body = bytes | Path
+Item = tuple[str, Body, int]  # name (relative to the data dir), body, label
+
+
+class Answer(Protocol):
+    @property
+    def ok(self) -> bool: ...
+
+    prediction: Prediction | None
+    error: object
+    latency_s: float
+    attempts: int
+
+
+class EvaluateError(RuntimeError):
+    """Reported as one line on stderr; `status` is the exit status."""
+
+    def __init__(self, message: str, status: int = 1) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+def npy_bytes(arr: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, arr, allow_pickle=False)
+    return buf.getvalue()
+
+
+def list_items(data_dir: Path, split: str) -> list[Item]:
+    """Every image of the split: files of an ImageFolder tree, or the arrays of the course's .npy files."""
+    try:
+        fmt = detect_format(data_dir)
+    except FileNotFoundError as exc:
+        raise EvaluateError(str(exc), 2) from None
+    if fmt in ("imagefolder", "labelled"):
+        try:
+            return [(path.relative_to(data_dir).as_posix(), path, label)
+                    for path, label in list_image_folder(data_dir, split)]
+        except FileNotFoundError as exc:
+            raise EvaluateError(str(exc), 2) from None
+    found = find_npy_split(data_dir, split) if fmt == "npy" else None
+    if found is None:
+        raise EvaluateError(f"{data_dir}: no {split} images (ImageFolder or course .npy files)", 2)
+    items: list[Item] = []
+    for label, path in enumerate(found):
+        arr = np.load(path, allow_pickle=False)
+        arr = arr[None] if arr.ndim == 2 else arr
+        # The same names as training.sources.iter_split gives these arrays.
+        items += [(f"{split}/{CLASS_NAMES[label]}/{i:05d}", npy_bytes(a), label) for i, a in enumerate(arr)]
+    return items
+
+
+def stratified(items: list[Item], limit: int | None) -> list[Item]:
+    """At most `limit` items, each class in its share (at least one), evenly spaced in sorted order."""
+    if not limit or limit >= len(items):
+        return items
+    out: list[Item] = []
+    for label in (0, 1):
+        group = [it for it in items if it[2] == label]
+        k = min(len(group), max(1, round(limit * len(group) / len(items))))
+        out += [group[i] for i in np.linspace(0, len(group) - 1, k).round().astype(int)]
+    return out
+
+
+def compare(expect_path: Path, served: dict[str, float], threshold: float, tolerance: float) -> dict[str, Any]:
+    """Served vs offline (export's predictions_*.json) P(PNEUMONIA), by file name."""
+    try:
+        offline_doc = json.loads(Path(expect_path).read_text())
+        offline = {p["file"]: float(p["probability"]) for p in offline_doc["predictions"]}
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise EvaluateError(f"--expect {expect_path}: not an export predictions file: {exc}", 2) from None
+    common = sorted(set(offline) & set(served))
+    if not common:
+        raise EvaluateError(f"--expect {expect_path}: none of its files was served (wrong split or data dir?)", 1)
+    diffs = {name: abs(served[name] - offline[name]) for name in common}
+    mismatches = [{"file": n, "served": served[n], "offline": offline[n], "diff": d}
+                  for n, d in sorted(diffs.items(), key=lambda kv: -kv[1]) if d > tolerance]
+    offline_thr = offline_doc.get("threshold")
+    return {"path": str(expect_path), "model": offline_doc.get("model"), "threshold": offline_thr,
+            "threshold_matches": offline_thr is None or abs(float(offline_thr) - threshold) <= 1e-9,
+            "tolerance": tolerance, "compared": len(common), "not_served": len(set(offline) - set(served)),
+            "max_abs_diff": max(diffs.values()), "mismatches": mismatches}
+
+
+def percentiles(latencies_s: list[float]) -> dict[str, float]:
+    ms = np.asarray(latencies_s) * 1000
+    return {f"p{q}": round(float(np.percentile(ms, q)), 2) for q in (50, 95, 99)} | {
+        "mean": round(float(ms.mean()), 2), "max": round(float(ms.max()), 2)}
+
+
+def build_report(items: list[Item], results: Mapping[str, Answer], wall_s: float, meta: dict[str, Any]) -> dict:
+    """The report of one run. meta: mode ('live' or 'offline'), url or model_file, data_dir, split,
+    concurrency (live) or batch_size (offline)."""
+    answered = [(name, label) for name, _, label in items if results[name].ok]
+    unanswered = [{"file": name, "error": str(results[name].error)} for name, _, _ in items if not results[name].ok]
+    preds = [results[name].prediction for name, _ in answered]
+    y = np.asarray([label for _, label in answered])
+    prob = np.asarray([p.probability for p in preds])
+    thresholds = sorted({p.threshold for p in preds})
+    models = sorted({f"{p.model} {p.version}" for p in preds})
+    first = preds[0]
+    attempts = [r.attempts for r in results.values()]
+    return {
+        "mode": meta.get("mode", "live"), "url": meta.get("url"), "model_file": meta.get("model_file"),
+        "data_dir": str(meta["data_dir"]), "split": meta["split"], "images": len(items),
+        "answered": len(answered), "unanswered": unanswered,
+        "model": first.model, "version": first.version, "backend": first.backend, "device": first.device,
+        "threshold": thresholds[0], "thresholds_seen": thresholds, "models_seen": models,
+        "metrics": binary_metrics(y, prob, thresholds[0]),
+        "served_label_disagrees_with_threshold": sum(
+            p.label != CLASS_NAMES[int(p.probability >= p.threshold)] for p in preds),
+        "latency_ms": percentiles([results[name].latency_s for name, _ in answered]),
+        "throughput_rps": round(len(items) / wall_s, 2), "wall_s": round(wall_s, 2),
+        "concurrency": meta.get("concurrency"), "batch_size": meta.get("batch_size"), "requests_sent": sum(attempts),
+        "retried_images": sum(a > 1 for a in attempts),
+        "predictions": [{"file": name, "label": label, "probability": p.probability, "predicted": p.label,
+                         "latency_ms": round(results[name].latency_s * 1000, 2),
+                         "attempts": results[name].attempts} for (name, label), p in zip(answered, preds, strict=True)],
+    }
+
+
+def table(report: dict) -> list[tuple[str, str]]:
+    m, lat = report["metrics"], report["latency_ms"]
+    rows = [("images answered", f"{report['answered']} / {report['images']}"),
+            ("model", f"{report['model']} {report['version']} ({report['backend']}, {report['device']})"),
+            ("threshold", f"{report['threshold']:.4f}")]
+    rows += [(k.replace("_", " "), f"{m[k]:.4f}") for k in
+             ("accuracy", "balanced_accuracy", "sensitivity", "specificity", "precision", "f1", "roc_auc")]
+    rows += [("confusion [tn fp; fn tp]", f"[{m['tn']} {m['fp']}; {m['fn']} {m['tp']}]"),
+             ("latency p50 / p95 / p99", f"{lat['p50']:.1f} / {lat['p95']:.1f} / {lat['p99']:.1f} ms"),
+             ("throughput", f"{report['throughput_rps']:.1f} img/s " + (
+                 f"at concurrency {report['concurrency']}" if report["mode"] == "live"
+                 else f"in batches of {report['batch_size']}, in process"))]
+    if "expect" in report:
+        e = report["expect"]
+        rows.append(("served vs offline", f"{e['compared']} compared, max abs diff {e['max_abs_diff']:.2e}, "
+                     f"{len(e['mismatches'])} over {e['tolerance']:g}"))
+    return rows
+
+
+def write_outputs(report: dict, out_dir: Path) -> None:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "evaluate.json").write_text(json.dumps(report, indent=1))
+    live = report["mode"] == "live"
+    title = "Live endpoint evaluation" if live else "Offline evaluation (the handler in process, no server)"
+    lines = [f"# {title}: {report['split']} split", "",
+             f"{report['url'] if live else report['model_file']}, data {report['data_dir']}", "", "| | |", "|---|---|"]
+    lines += [f"| {k} | {v} |" for k, v in table(report)]
+    if report["unanswered"]:
+        lines += ["", "## Unanswered", ""] + [f"- {u['file']}: {u['error']}" for u in report["unanswered"]]
+    if report.get("expect", {}).get("mismatches"):
+        lines += ["", "## Served vs offline mismatches", ""]
+        lines += [f"- {m['file']}: served {m['served']:.6f}, offline {m['offline']:.6f}"
+                  for m in report["expect"]["mismatches"][:50]]
+    lines += ["", "![ROC](roc.png) ![confusion](confusion.png)", ""]
+    (out_dir / "evaluate.md").write_text("\n".join(lines))
+    y = np.asarray([p["label"] for p in report["predictions"]])
+    prob = np.asarray([p["probability"] for p in report["predictions"]])
+    if len(np.unique(y)) == 2:
+        plot_roc(y, prob, out_dir / "roc.png", title=f"ROC ({'served' if live else 'offline'}, {report['split']})")
+    pred = (prob >= report["threshold"]).astype(int)
+    plot_confusion(y, pred, out_dir / "confusion.png",
+                   title=f"{'served' if live else 'offline'}, threshold {report['threshold']:.3f}")
+
+
+def check(report: dict, min_accuracy: float | None) -> int:
+    failures = []
+    if report["unanswered"]:
+        names = ", ".join(u["file"] for u in report["unanswered"][:20])
+        failures.append(f"{len(report['unanswered'])} image(s) unanswered: {names}")
+    accuracy = report["metrics"]["accuracy"]
+    if min_accuracy is not None and accuracy < min_accuracy:
+        failures.append(f"accuracy {accuracy:.4f} < --min-accuracy {min_accuracy}")
+    expect = report.get("expect")
+    if expect and expect["mismatches"]:
+        names = ", ".join(f"{m['file']} ({m['diff']:.2e})" for m in expect["mismatches"][:10])
+        failures.append(f"{len(expect['mismatches'])} served probabilities differ from {expect['path']} by more "
+                        f"than {expect['tolerance']:g}: {names}")
+    if expect and not expect["threshold_matches"]:
+        failures.append(f"served threshold {report['threshold']} != offline threshold {expect['threshold']}")
+    for failure in failures:
+        print(f"error: {failure}", file=sys.stderr)
+    return 1 if failures else 0
