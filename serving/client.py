@@ -40,7 +40,7 @@ from serving import settings
 DEFAULT_URL = "http://127.0.0.1:8080"
 RETRY_STATUSES = frozenset({502, 503, 504, 507})
 MAX_BACKOFF_S = 8.0
-CONTENT_TYPES = {"png": "image/png", "jpeg": "image/jpeg"}
+CONTENT_TYPES = {"png": "image/png", "jpeg": "image/jpeg", "dicom": "application/dicom"}
 Body = bytes | Path
 M = TypeVar("M", Prediction, Explanation)
 
