@@ -162,7 +162,8 @@ def table(report: dict) -> list[tuple[str, str]]:
                  else f"in batches of {report['batch_size']}, in process"))]
     if "expect" in report:
         e = report["expect"]
-        rows.append(("served vs offline", f"{e['compared']} compared, max abs diff {e['max_abs_diff']:.2e}, "
+        rows.append(("served vs offline" if report["mode"] == "live" else "in process vs export",
+                     f"{e['compared']} compared, max abs diff {e['max_abs_diff']:.2e}, "
                      f"{len(e['mismatches'])} over {e['tolerance']:g}"))
     return rows
 
@@ -178,7 +179,7 @@ def write_outputs(report: dict, out_dir: Path) -> None:
     if report["unanswered"]:
         lines += ["", "## Unanswered", ""] + [f"- {u['file']}: {u['error']}" for u in report["unanswered"]]
     if report.get("expect", {}).get("mismatches"):
-        lines += ["", "## Served vs offline mismatches", ""]
+        lines += ["", "## Mismatches with --expect", ""]
         lines += [f"- {m['file']}: served {m['served']:.6f}, offline {m['offline']:.6f}"
                   for m in report["expect"]["mismatches"][:50]]
     lines += ["", "![ROC](roc.png) ![confusion](confusion.png)", ""]

@@ -197,6 +197,6 @@ def test_evaluate_offline_from_a_checkpoint_matches_the_export(best_dir: Path, e
     proc = run_cli("serving.offline", "evaluate", "--model", str(best_dir / entry["checkpoint"]),
                    "--data-dir", str(data_dir), "--limit", "24", "--out-dir", str(out),
                    "--expect", str(export_dir / f"predictions_{family}.json"))
-    assert "served vs offline" in proc.stdout
+    assert "in process vs export" in proc.stdout
     report = json.loads((out / "evaluate.json").read_text())
     assert report["expect"]["compared"] >= 20 and not report["expect"]["mismatches"]
