@@ -1,6 +1,6 @@
 """make evaluate: every image of a split through the live endpoint -> clinical metrics and latency.
 
-    python -m serving.evaluate [--url http://127.0.0.1:8080] [--data-dir D] [--split test]
+    python -m serving.evaluate [--url INFERENCE_URL] [--data-dir D] [--split test]
                                [--concurrency 16] [--limit N] [--min-accuracy A]
                                [--expect artifacts/export/predictions_cnn.json] [--tolerance 1e-5]
                                [--out-dir reports/evaluate]
@@ -23,6 +23,7 @@ import sys
 import time
 from pathlib import Path
 
+from handlers import constants as C
 from serving.client import Result, XrayClient, XrayHTTPError, XrayUnavailable
 from serving.evaluation import (
     DEFAULT_OUT,
@@ -83,7 +84,7 @@ def evaluate(args: argparse.Namespace) -> int:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--url", default="http://127.0.0.1:8080")
+    p.add_argument("--url", default=C.INFERENCE_URL)
     p.add_argument("--data-dir", type=Path, default=default_data_dir())
     p.add_argument("--split", default="test")
     p.add_argument("--concurrency", type=int, default=16)

@@ -21,12 +21,13 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from handlers import constants as C
 from handlers.schemas import CLASS_NAMES, Prediction
 from training.metrics import binary_metrics
 from training.plots import plot_confusion, plot_roc
-from training.sources import REPO_ROOT, detect_format, find_npy_split, list_image_folder
+from training.sources import detect_format, find_npy_split, list_image_folder
 
-DEFAULT_OUT = REPO_ROOT / "reports" / "evaluate"
+DEFAULT_OUT = C.REPORTS_DIR / "evaluate"
 Body = bytes | Path
 Item = tuple[str, Body, int]  # name (relative to the data dir), body, label
 

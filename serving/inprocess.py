@@ -31,15 +31,13 @@ from typing import Any
 
 import yaml
 
+from handlers import constants as C
 from handlers.preprocess import sniff
 from handlers.schemas import ErrorBody, Prediction
+from handlers.torchserve import read_manifest, read_model_config
 
-MODEL_NAME = "xray"
-MANIFEST_PATH = "MAR-INF/MANIFEST.json"
-CONFIG_NAME = "model-config.yaml"
-DEFAULT_BATCH_SIZE = 8
 CONTENT_TYPES = {"png": "image/png", "jpeg": "image/jpeg", "dicom": "application/dicom"}
-EXPORTED_SUFFIXES = (".onnx", ".torchscript.pt")
+EXPORTED_SUFFIXES = tuple(C.MODEL_SUFFIX.values())
 
 
 class ModelSourceError(RuntimeError):
@@ -118,7 +116,7 @@ class InProcessWorker:
 
         self.model_dir, self.manifest, self.batch_size = model_dir, manifest, batch_size
         self.source = source or model_dir
-        self.service = Service(MODEL_NAME, str(model_dir), manifest, None, gpu, batch_size,
+        self.service = Service(C.MODEL_NAME, str(model_dir), manifest, None, gpu, batch_size,
                                metrics_cache=_metrics_cache())
         self.handler = XrayHandler()
         self.handler.initialize(self.service.context)
@@ -133,7 +131,7 @@ class InProcessWorker:
         tmp = Path(tempfile.mkdtemp(prefix="xray-offline-"))
         try:
             manifest, config = _stage(model, tmp, threads)
-            size = batch_size or int(config.get("batchSize", DEFAULT_BATCH_SIZE))
+            size = batch_size or int(config.get("batchSize", C.BATCH_SIZE))
             yield cls(tmp, manifest, size, gpu, source=model)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -175,23 +173,20 @@ def _stage(model: Path, into: Path, threads: int) -> tuple[dict[str, Any], dict[
     if zipfile.is_zipfile(model) and model.suffix == ".mar":
         with zipfile.ZipFile(model) as z:
             z.extractall(into)  # what TorchServe does with the .mar in its model store
-        manifest = json.loads((into / MANIFEST_PATH).read_text())
-        config_name = manifest.get("model", {}).get("configFile")
-        config = yaml.safe_load((into / config_name).read_text()) if config_name else {}
-        return manifest, config or {}
+        return read_manifest(model), read_model_config(model)
     if model.name.endswith(EXPORTED_SUFFIXES):
         target = into / model.name
         shutil.copy2(model, target)
-        backend = "onnxruntime" if model.suffix == ".onnx" else "torchscript"
+        backend = next(b for b, suffix in C.MODEL_SUFFIX.items() if model.name.endswith(suffix))
     elif model.suffix in (".pt", ".pth"):
         target = _export_checkpoint(model, into)
         backend = "onnxruntime"
     else:
         raise ModelSourceError(f"{model}: expected a .mar, .onnx, .torchscript.pt or a training checkpoint (.pt)")
     config = {"handler": {"backend": backend, "threads": threads}}
-    (into / CONFIG_NAME).write_text(yaml.safe_dump(config))
-    manifest = {"model": {"modelName": MODEL_NAME, "serializedFile": target.name, "handler": "xray_handler.py",
-                          "configFile": CONFIG_NAME}}
+    (into / C.MODEL_CONFIG_NAME).write_text(yaml.safe_dump(config))
+    manifest = {"model": {"modelName": C.MODEL_NAME, "serializedFile": target.name, "handler": "xray_handler.py",
+                          "configFile": C.MODEL_CONFIG_NAME}}
     return manifest, config
 
 

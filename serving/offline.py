@@ -27,6 +27,7 @@ import sys
 import time
 from pathlib import Path
 
+from handlers import constants as C
 from serving.evaluation import (
     EvaluateError,
     build_report,
@@ -38,11 +39,11 @@ from serving.evaluation import (
     write_outputs,
 )
 from serving.inprocess import InProcessWorker, ModelSourceError, WorkerAnswer, check_model
-from training.sources import REPO_ROOT, default_data_dir
+from training.sources import default_data_dir
 
-DEFAULT_MAR = REPO_ROOT / "model_store" / "xray.mar"
-DEFAULT_EXPORTED = REPO_ROOT / "artifacts" / "export" / "cnn.onnx"
-DEFAULT_OUT = REPO_ROOT / "reports" / "evaluate-offline"
+DEFAULT_MAR = C.MODEL_STORE / C.MAR_NAME
+DEFAULT_EXPORTED = C.EXPORT_DIR / f"{C.DEFAULT_FAMILY}{C.MODEL_SUFFIX[C.DEFAULT_BACKEND]}"
+DEFAULT_OUT = C.REPORTS_DIR / "evaluate-offline"
 
 
 def default_model() -> Path:
@@ -102,8 +103,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     sub = p.add_subparsers(dest="command", required=True)
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--model", type=Path, default=None,
-                        help=f"default: {DEFAULT_MAR.relative_to(REPO_ROOT)} if present, else "
-                             f"{DEFAULT_EXPORTED.relative_to(REPO_ROOT)}")
+                        help=f"default: {DEFAULT_MAR.relative_to(C.REPO_ROOT)} if present, else "
+                             f"{DEFAULT_EXPORTED.relative_to(C.REPO_ROOT)}")
     common.add_argument("--threads", type=int, default=0, help="runner threads for a bare model file (0: all)")
     pr = sub.add_parser("predict", parents=[common], help="label and confidence of one or more images")
     pr.add_argument("images", nargs="+", type=Path)
@@ -124,8 +125,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     ns = parse_args(argv)
-    # TorchServe's base handler warns at import about accelerators a CPU run does not use.
-    logging.getLogger("ts").setLevel(logging.ERROR)
     try:
         return predict_main(ns) if ns.command == "predict" else evaluate_main(ns)
     except ModelSourceError as exc:
@@ -137,4 +136,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    # TorchServe's base handler warns at import about accelerators (OpenVINO, TensorRT) a CLI run
+    # does not use; only the command line is quietened, not a process that imports this module.
+    logging.getLogger("ts.torch_handler.base_handler").setLevel(logging.ERROR)
     sys.exit(main())
