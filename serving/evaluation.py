@@ -25,7 +25,7 @@ from handlers import constants as C
 from handlers.schemas import CLASS_NAMES, Prediction
 from training.metrics import binary_metrics
 from training.plots import plot_confusion, plot_roc
-from training.sources import detect_format, find_npy_split, list_image_folder
+from training.sources import detect_format, iter_arrays, list_image_folder
 
 DEFAULT_OUT = C.REPORTS_DIR / "evaluate"
 Body = bytes | Path
@@ -57,7 +57,8 @@ def npy_bytes(arr: np.ndarray) -> bytes:
 
 
 def list_items(data_dir: Path, split: str) -> list[Item]:
-    """Every image of the split: files of an ImageFolder tree, or the arrays of the course's .npy files."""
+    """Every image of the split: the files of an ImageFolder tree or labelled folder, or the arrays of the
+    course's .npy files or a MedMNIST .npz (sent as .npy bodies), named as training.sources names them."""
     try:
         fmt = detect_format(data_dir)
     except FileNotFoundError as exc:
@@ -68,16 +69,10 @@ def list_items(data_dir: Path, split: str) -> list[Item]:
                     for path, label in list_image_folder(data_dir, split)]
         except FileNotFoundError as exc:
             raise EvaluateError(str(exc), 2) from None
-    found = find_npy_split(data_dir, split) if fmt == "npy" else None
-    if found is None:
-        raise EvaluateError(f"{data_dir}: no {split} images (ImageFolder or course .npy files)", 2)
-    items: list[Item] = []
-    for label, path in enumerate(found):
-        arr = np.load(path, allow_pickle=False)
-        arr = arr[None] if arr.ndim == 2 else arr
-        # The same names as training.sources.iter_split gives these arrays.
-        items += [(f"{split}/{CLASS_NAMES[label]}/{i:05d}", npy_bytes(a), label) for i, a in enumerate(arr)]
-    return items
+    try:
+        return [(name, npy_bytes(arr), label) for name, arr, label in iter_arrays(data_dir, split)]
+    except FileNotFoundError as exc:
+        raise EvaluateError(str(exc), 2) from None
 
 
 def stratified(items: list[Item], limit: int | None) -> list[Item]:

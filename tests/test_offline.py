@@ -142,6 +142,21 @@ def test_evaluate_offline_on_a_labelled_folder(tiny_model: Path, tmp_path: Path)
                          "--out-dir", str(out)]) == 2
 
 
+def test_evaluate_offline_on_a_medmnist_npz(tiny_model: Path, tmp_path: Path) -> None:
+    rng = np.random.default_rng(7)
+    images = rng.integers(0, 256, (6, 64, 64), dtype=np.uint8)  # MedMNIST+ 64 px (28 px is under MIN_SIDE)
+    labels = np.array([[0], [1], [1], [0], [1], [1]], np.uint8)
+    npz = tmp_path / "pneumoniamnist_64.npz"
+    np.savez(npz, test_images=images, test_labels=labels, train_images=images[:1], train_labels=labels[:1])
+    out = tmp_path / "report"
+    assert offline.main(["evaluate", "--model", str(tiny_model), "--data-dir", str(npz), "--out-dir", str(out)]) == 0
+    report = json.loads((out / "evaluate.json").read_text())
+    assert [p["file"] for p in report["predictions"]][:2] == ["test/NORMAL/00000", "test/PNEUMONIA/00001"]
+    assert [p["label"] for p in report["predictions"]] == labels.ravel().tolist()
+    np.testing.assert_allclose([p["probability"] for p in report["predictions"]],
+                               [expected_probability(npy_bytes(a)) for a in images], atol=1e-6)
+
+
 def test_offline_refuses_missing_models_and_data(tiny_model: Path, tmp_path: Path,
                                                 capsys: pytest.CaptureFixture) -> None:
     (tmp_path / "junk").mkdir()
