@@ -64,16 +64,18 @@ def npy_bytes(arr: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def test_evaluate_offline_on_the_course_npy_pair(tiny_model: Path, tmp_path: Path) -> None:
+def test_evaluate_offline_on_the_course_npy_pair(tiny_model: Path, tmp_path: Path,
+                                                 capsys: pytest.CaptureFixture) -> None:
     rng = np.random.default_rng(3)
     normal = rng.integers(0, 256, (5, 48, 48), dtype=np.uint8)
     pneumonia = rng.integers(0, 256, (7, 48, 48), dtype=np.uint8)
     np.save(tmp_path / "x_test_normal.npy", normal)
     np.save(tmp_path / "x_test_pneumonia.npy", pneumonia)
     out = tmp_path / "report"
-    proc = run_cli("serving.offline", "evaluate", "--model", str(tiny_model), "--data-dir", str(tmp_path),
-                   "--out-dir", str(out), "--batch-size", "4")
-    assert "roc auc" in proc.stdout and "in batches of 4, in process" in proc.stdout
+    assert offline.main(["evaluate", "--model", str(tiny_model), "--data-dir", str(tmp_path),
+                         "--out-dir", str(out), "--batch-size", "4"]) == 0
+    stdout = capsys.readouterr().out
+    assert "roc auc" in stdout and "in batches of 4, in process" in stdout
     for name in ("evaluate.json", "evaluate.md", "roc.png", "confusion.png"):
         assert (out / name).stat().st_size > 0, name
     report = json.loads((out / "evaluate.json").read_text())
@@ -203,15 +205,14 @@ def test_offline_answers_equal_the_served_ones(server: ServeSettings, model_stor
             assert off.error is not None and ErrorBody.model_validate(live.json()) == off.error.error, name
 
 
-@pytest.mark.server
 @pytest.mark.slow
 def test_evaluate_offline_from_a_checkpoint_matches_the_export(best_dir: Path, export_dir: Path, data_dir: Path,
-                                                               tmp_path: Path) -> None:
+                                                               tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     family, entry = sorted(json.loads((best_dir / "summary.json").read_text())["models"].items())[0]
     out = tmp_path / "report"
-    proc = run_cli("serving.offline", "evaluate", "--model", str(best_dir / entry["checkpoint"]),
-                   "--data-dir", str(data_dir), "--limit", "24", "--out-dir", str(out),
-                   "--expect", str(export_dir / f"predictions_{family}.json"))
-    assert "in process vs export" in proc.stdout
+    assert offline.main(["evaluate", "--model", str(best_dir / entry["checkpoint"]), "--data-dir", str(data_dir),
+                         "--limit", "24", "--out-dir", str(out),
+                         "--expect", str(export_dir / f"predictions_{family}.json")]) == 0
+    assert "in process vs export" in capsys.readouterr().out
     report = json.loads((out / "evaluate.json").read_text())
     assert report["expect"]["compared"] >= 20 and not report["expect"]["mismatches"]
