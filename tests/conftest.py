@@ -77,3 +77,13 @@ def server(tmp_path_factory: pytest.TempPathFactory, model_store: Path) -> Itera
         yield settings
     finally:
         launcher.stop(settings)
+
+
+PIPELINE_FIXTURES = {"best_dir", "export_dir", "model_store", "server"}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark every test that needs the trained pipeline, so `make test-fast` can leave them out."""
+    for item in items:
+        if PIPELINE_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.pipeline)
