@@ -34,7 +34,7 @@ test: setup ## lint, then the whole test suite (starts a real TorchServe)
 	$(VENV)/bin/ruff check .
 	$(PY) -m pytest -q
 
-test-fast: setup ## lint, then every test that needs no server and no trained pipeline (< 1 min)
+test-fast: setup ## lint, then every test that neither trains nor serves (< 1 min)
 	$(VENV)/bin/ruff check .
 	$(PY) -m pytest -q -m "not server and not slow and not pipeline"
 
