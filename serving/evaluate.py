@@ -2,7 +2,7 @@
 
     python -m serving.evaluate [--url INFERENCE_URL] [--data-dir D] [--split test]
                                [--concurrency 16] [--limit N] [--min-accuracy A]
-                               [--expect artifacts/export/predictions_cnn.json] [--tolerance 1e-5]
+                               [--expect artifacts/export/predictions_xraynet.json] [--tolerance 1e-5]
                                [--out-dir reports/evaluate]
 
 D is an ImageFolder tree (SPLIT/{NORMAL,PNEUMONIA}/*.jpeg), a labelled folder ({NORMAL,PNEUMONIA}/*,
@@ -28,15 +28,13 @@ from serving.client import Result, XrayClient, XrayHTTPError, XrayUnavailable
 from serving.evaluation import (
     DEFAULT_OUT,
     EvaluateError,
-    Item,
     build_report,
     check,
     compare,
-    list_items,
-    stratified,
     table,
     write_outputs,
 )
+from serving.load import Item, list_items, stratified
 from training.sources import default_data_dir
 
 
@@ -60,7 +58,10 @@ async def collect(client: XrayClient, items: list[Item], url: str) -> tuple[dict
 
 
 def evaluate(args: argparse.Namespace) -> int:
-    items = stratified(list_items(args.data_dir, args.split), args.limit)
+    try:
+        items = stratified(list_items(args.data_dir, args.split), args.limit)
+    except FileNotFoundError as exc:
+        raise EvaluateError(str(exc), 2) from None
 
     async def run() -> tuple[dict[str, Result], float]:
         async with XrayClient(args.url, args.token, args.key_file, concurrency=args.concurrency,

@@ -1,7 +1,7 @@
 """The evaluation report, one library for `make evaluate` (live endpoint) and `make evaluate-offline`
-(the handler in this process): the images of a data source, the metrics, the tables and plots.
+(the handler in this process): the metrics, tables, plots and exit checks of one run.
 
-    items = stratified(list_items(data_dir, "test"), limit)     # (name, body, label), bodies as sent
+    items = stratified(list_items(data_dir, "test"), limit)     # serving.load: (name, body, label)
     report = build_report(items, answers, wall_s, meta)          # answers: name -> Answer
     write_outputs(report, out_dir); status = check(report, min_accuracy)
 
@@ -12,7 +12,6 @@ Writes OUT/evaluate.json, OUT/evaluate.md, OUT/roc.png and OUT/confusion.png.
 
 from __future__ import annotations
 
-import io
 import json
 import sys
 from collections.abc import Mapping
@@ -23,13 +22,11 @@ import numpy as np
 
 from handlers import constants as C
 from handlers.schemas import CLASS_NAMES, Prediction
+from serving.load import Item, percentiles_ms
 from training.metrics import binary_metrics
 from training.plots import plot_confusion, plot_roc
-from training.sources import detect_format, iter_arrays, list_image_folder
 
 DEFAULT_OUT = C.REPORTS_DIR / "evaluate"
-Body = bytes | Path
-Item = tuple[str, Body, int]  # name (relative to the data dir), body, label
 
 
 class Answer(Protocol):
@@ -50,43 +47,6 @@ class EvaluateError(RuntimeError):
         self.status = status
 
 
-def npy_bytes(arr: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    np.save(buf, arr, allow_pickle=False)
-    return buf.getvalue()
-
-
-def list_items(data_dir: Path, split: str) -> list[Item]:
-    """Every image of the split: the files of an ImageFolder tree or labelled folder, or the arrays of the
-    course's .npy files or a MedMNIST .npz (sent as .npy bodies), named as training.sources names them."""
-    try:
-        fmt = detect_format(data_dir)
-    except FileNotFoundError as exc:
-        raise EvaluateError(str(exc), 2) from None
-    if fmt in ("imagefolder", "labelled"):
-        try:
-            return [(path.relative_to(data_dir).as_posix(), path, label)
-                    for path, label in list_image_folder(data_dir, split)]
-        except FileNotFoundError as exc:
-            raise EvaluateError(str(exc), 2) from None
-    try:
-        return [(name, npy_bytes(arr), label) for name, arr, label in iter_arrays(data_dir, split)]
-    except FileNotFoundError as exc:
-        raise EvaluateError(str(exc), 2) from None
-
-
-def stratified(items: list[Item], limit: int | None) -> list[Item]:
-    """At most `limit` items, each class in its share (at least one), evenly spaced in sorted order."""
-    if not limit or limit >= len(items):
-        return items
-    out: list[Item] = []
-    for label in (0, 1):
-        group = [it for it in items if it[2] == label]
-        k = min(len(group), max(1, round(limit * len(group) / len(items))))
-        out += [group[i] for i in np.linspace(0, len(group) - 1, k).round().astype(int)]
-    return out
-
-
 def compare(expect_path: Path, served: dict[str, float], threshold: float, tolerance: float) -> dict[str, Any]:
     """Served vs offline (export's predictions_*.json) P(PNEUMONIA), by file name."""
     try:
@@ -105,12 +65,6 @@ def compare(expect_path: Path, served: dict[str, float], threshold: float, toler
             "threshold_matches": offline_thr is None or abs(float(offline_thr) - threshold) <= 1e-9,
             "tolerance": tolerance, "compared": len(common), "not_served": len(set(offline) - set(served)),
             "max_abs_diff": max(diffs.values()), "mismatches": mismatches}
-
-
-def percentiles(latencies_s: list[float]) -> dict[str, float]:
-    ms = np.asarray(latencies_s) * 1000
-    return {f"p{q}": round(float(np.percentile(ms, q)), 2) for q in (50, 95, 99)} | {
-        "mean": round(float(ms.mean()), 2), "max": round(float(ms.max()), 2)}
 
 
 def build_report(items: list[Item], results: Mapping[str, Answer], wall_s: float, meta: dict[str, Any]) -> dict:
@@ -134,7 +88,7 @@ def build_report(items: list[Item], results: Mapping[str, Answer], wall_s: float
         "metrics": binary_metrics(y, prob, thresholds[0]),
         "served_label_disagrees_with_threshold": sum(
             p.label != CLASS_NAMES[int(p.probability >= p.threshold)] for p in preds),
-        "latency_ms": percentiles([results[name].latency_s for name, _ in answered]),
+        "latency_ms": percentiles_ms([results[name].latency_s for name, _ in answered]),
         "throughput_rps": round(len(items) / wall_s, 2), "wall_s": round(wall_s, 2),
         "concurrency": meta.get("concurrency"), "batch_size": meta.get("batch_size"), "requests_sent": sum(attempts),
         "retried_images": sum(a > 1 for a in attempts),

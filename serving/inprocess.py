@@ -195,7 +195,7 @@ def _export_checkpoint(checkpoint: Path, into: Path) -> Path:
     runs). Imported here only: serving stays torch-free unless a checkpoint is given."""
     from export.cards import export_card
     from export.onnx_export import export_onnx
-    from training.train import load_checkpoint
+    from training.checkpoint import load_checkpoint
 
     try:
         card, model, _ = load_checkpoint(checkpoint)

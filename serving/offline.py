@@ -33,12 +33,11 @@ from serving.evaluation import (
     build_report,
     check,
     compare,
-    list_items,
-    stratified,
     table,
     write_outputs,
 )
 from serving.inprocess import InProcessWorker, ModelSourceError, WorkerAnswer, check_model
+from serving.load import list_items, stratified
 from training.sources import default_data_dir
 
 DEFAULT_MAR = C.MODEL_STORE / C.MAR_NAME
@@ -76,7 +75,10 @@ def predict_main(ns: argparse.Namespace) -> int:
 
 def evaluate_main(ns: argparse.Namespace) -> int:
     check_model(ns.model)  # before the data is read: a missing model is the likelier mistake
-    items = stratified(list_items(ns.data_dir, ns.split), ns.limit)
+    try:
+        items = stratified(list_items(ns.data_dir, ns.split), ns.limit)
+    except FileNotFoundError as exc:
+        raise EvaluateError(str(exc), 2) from None
     with InProcessWorker.open(ns.model, batch_size=ns.batch_size, threads=ns.threads) as worker:
         t0 = time.perf_counter()
         answers = worker.predict_many([(name, body) for name, body, _ in items])

@@ -32,6 +32,7 @@ from pydicom.uid import (
 )
 
 from handlers import preprocess
+from handlers.constants import MODEL_NAME
 from handlers.preprocess import PreprocessError
 from handlers.schemas import ErrorBody, Prediction
 from serving.settings import ServeSettings
@@ -354,7 +355,7 @@ def test_damaged_dicoms_never_escape(fuzz_bodies: dict[str, bytes], kind: str, o
 @pytest.mark.slow
 def test_server_answers_dicom_like_jpeg(server: ServeSettings, sample_jpeg: bytes, gray: np.ndarray) -> None:
     def post(body: bytes, ctype: str) -> httpx.Response:
-        return httpx.post(f"{server.inference_url}/predictions/xray", content=body, timeout=60,
+        return httpx.post(f"{server.inference_url}/predictions/{MODEL_NAME}", content=body, timeout=60,
                           headers={"Authorization": f"Bearer {keys(server)['inference']}", "Content-Type": ctype})
 
     jpeg = Prediction.model_validate(post(sample_jpeg, "image/jpeg").json())

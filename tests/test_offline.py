@@ -23,8 +23,8 @@ from handlers.backends import CARD_KEY, INPUT_NAME, OUTPUT_NAME
 from handlers.preprocess import preprocess
 from handlers.schemas import ErrorBody, ModelCard, Prediction
 from serving import offline
-from serving.evaluation import list_items, stratified
 from serving.inprocess import InProcessWorker
+from serving.load import list_items, stratified
 from serving.settings import ServeSettings
 from tests.bad_inputs import cases
 from tests.helpers import keys, run_cli
