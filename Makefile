@@ -11,18 +11,22 @@ URL ?= http://127.0.0.1:8080
 SPLIT ?= test
 BACKEND ?= onnxruntime
 
-.PHONY: setup java test lint train experiments export archive serve stop evaluate bench soak clean help \
+.PHONY: setup java nginx chaos test lint train experiments export archive serve stop evaluate bench soak clean help \
 	docker-build docker-run docker-test
 
 help:
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
 
-setup: java $(VENV)/.installed ## create .venv and install everything, pinned
+setup: java nginx $(VENV)/.installed ## create .venv and install everything, pinned (+ Java 17 and nginx via apt-get)
 $(VENV)/.installed: requirements.lock pyproject.toml
 	test -x $(PY) || $(PY_SYS) -m venv $(VENV)
 	$(PY) -m pip install -q --disable-pip-version-check $(PIP_LINKS) -r requirements.lock
 	$(PY) -c "import torch, onnxruntime, ts; assert torch.__version__.startswith('2.13.0'), torch.__version__"
 	touch $@
+
+nginx: ## install nginx-light with apt-get where nginx is missing (the gateway in front of TorchServe)
+	@command -v nginx >/dev/null || test -x /usr/sbin/nginx || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nginx-light; }
+	@$$(command -v nginx || echo /usr/sbin/nginx) -v
 
 java: ## install a Java 17 runtime with apt-get where java is missing (TorchServe's frontend)
 	@command -v java >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq openjdk-17-jre-headless; }

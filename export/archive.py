@@ -15,6 +15,7 @@ folder, checked, then moved over MODEL_STORE/xray.mar.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -28,7 +29,8 @@ from typing import Any
 import yaml
 
 from handlers.backends import ModelFileError, load_runner
-from training.sources import REPO_ROOT
+from handlers.schemas import CLASS_NAMES
+from training.sources import REPO_ROOT, default_data_dir, list_image_folder
 
 MODEL_NAME = "xray"
 HANDLERS_DIR = REPO_ROOT / "handlers"
@@ -38,6 +40,7 @@ CONFIG_NAME = "model-config.yaml"
 
 
 EXPLAINER = "explainer.pt"
+READINESS_PROBE = "readiness_probe"  # a real radiograph from the data: what readiness checks send
 
 
 class ArchiveError(RuntimeError):
@@ -58,6 +61,20 @@ def stage_explainer(stage: Path, export_dir: Path, model: str) -> list[str]:
     stage.mkdir(parents=True, exist_ok=True)
     shutil.copy2(src, stage / EXPLAINER)
     return [EXPLAINER]
+
+
+def stage_probe(stage: Path, data_dir: Path) -> list[str]:
+    """STAGE/readiness_probe: the first PNEUMONIA image of the data's test split (else val, train),
+    as its original bytes. The launcher's readiness check and the container's HEALTHCHECK send it
+    and require a 200 with a label: a probe the model should refuse (noise) proves nothing."""
+    for split in ("test", "val", "train"):
+        with contextlib.suppress(FileNotFoundError):
+            for path, label in list_image_folder(data_dir, split):
+                if CLASS_NAMES[label] == "PNEUMONIA":
+                    stage.mkdir(parents=True, exist_ok=True)
+                    shutil.copyfile(path, stage / READINESS_PROBE)
+                    return [READINESS_PROBE]
+    raise ArchiveError(f"no radiograph under {data_dir} for the readiness probe (set DATA_DIR or --data-dir)")
 
 
 def stage_handlers(stage: Path, handlers_dir: Path = HANDLERS_DIR) -> list[str]:
@@ -116,7 +133,8 @@ def build(args: argparse.Namespace) -> dict[str, Any]:
         tmp = Path(tmp_name)
         stage, out = tmp / "stage", tmp / "out"
         out.mkdir()
-        packed = stage_handlers(stage, args.handlers_dir) + stage_explainer(stage, args.export_dir, args.model)
+        packed = (stage_handlers(stage, args.handlers_dir) + stage_explainer(stage, args.export_dir, args.model)
+                  + stage_probe(stage, args.data_dir))
         (tmp / CONFIG_NAME).write_text(yaml.safe_dump(config, sort_keys=False))
         cmd = [*archiver_command(), "--model-name", MODEL_NAME, "--version", version,
                "--serialized-file", str(model_path), "--handler", str(args.handler),
@@ -139,6 +157,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--model", default="cnn", help="family: cnn, mlp_bce, mlp_ce (a file in --export-dir)")
     p.add_argument("--backend", choices=sorted(SUFFIX), default="onnxruntime")
     p.add_argument("--model-store", type=Path, default=REPO_ROOT / "model_store")
+    p.add_argument("--data-dir", type=Path, default=None, help="where the readiness probe comes from "
+                   "(default: DATA_DIR)")
     # Defaults tuned with `make bench` on the 2-core CPU machine (see README, "Tuning"): two
     # single-threaded workers keep both cores busy, a 2 ms delay keeps a lone request fast while
     # a queue still fills batches of 8 at once. On a GPU host: one worker per GPU, --threads 0.
@@ -152,6 +172,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--handler", type=Path, default=HANDLER, help=argparse.SUPPRESS)
     p.add_argument("--handlers-dir", type=Path, default=HANDLERS_DIR, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    args.data_dir = args.data_dir or default_data_dir()
     for name in ("batch_size", "min_workers", "max_workers", "response_timeout"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be at least 1")

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from handlers import multipart
 from handlers.preprocess import PreprocessError, preprocess
 from handlers.schemas import ErrorBody, ModelCard
 
@@ -22,6 +23,7 @@ class Batch:
     index: list[int] = field(default_factory=list)  # the request index of each input
     errors: dict[int, ErrorBody] = field(default_factory=dict)
     probability: np.ndarray | None = None  # P(PNEUMONIA) of each input, after inference
+    fields: list[dict] = field(default_factory=list)  # each request's fields (a parsed form's, else TorchServe's)
 
 
 def payload(request: dict) -> bytes:
@@ -40,12 +42,24 @@ def payload(request: dict) -> bytes:
                           f"'file' or a raw body; got fields {fields}")
 
 
-def split_requests(requests: list[dict], card: ModelCard) -> Batch:
+def request_fields(request: dict, content_type: str | None) -> dict:
+    """A multipart body (the gateway passes forms on as raw bytes, their Content-Type beside) parsed
+    into its fields; any other request as TorchServe gives it."""
+    body = request.get("body")
+    if multipart.is_multipart(content_type) and isinstance(body, bytes | bytearray):
+        return multipart.parse(bytes(body), content_type or "")
+    return request
+
+
+def split_requests(requests: list[dict], card: ModelCard, content_types: list[str | None] | None = None) -> Batch:
     """Decode every request on its own; a failure becomes that request's error, never the batch's."""
     batch = Batch(size=len(requests))
+    content_types = content_types or [None] * len(requests)
     for i, request in enumerate(requests):
+        batch.fields.append({})
         try:
-            x = preprocess(payload(request), card.input_size, card.mean, card.std)
+            batch.fields[i] = request_fields(request, content_types[i])
+            x = preprocess(payload(batch.fields[i]), card.input_size, card.mean, card.std)
         except PreprocessError as err:
             batch.errors[i] = ErrorBody(code=err.status, type=err.type, message=err.message)
             continue

@@ -26,6 +26,7 @@ from handlers.schemas import ErrorBody, Explanation, Prediction
 log = logging.getLogger(__name__)
 
 TARGET_HEADER = "x-target-class"
+CONTENT_TYPE_HEADER = "x-xray-content-type"  # the client's Content-Type, as the gateway forwards it
 
 
 class XrayHandler(BaseHandler):
@@ -56,12 +57,27 @@ class XrayHandler(BaseHandler):
         out = self.postprocess(batch)
         wanted = [k for k, i in enumerate(batch.index) if context.get_request_header(i, "explain") == "True"]
         if wanted:
-            self.explain_batch(batch, wanted, data, out)
+            try:
+                self.explain_batch(batch, wanted, out)
+            except Exception:  # only the explanation requests fail; their batch-mates keep their answers
+                log.exception("explanation failed")
+                for k in wanted:
+                    if "heatmap" not in out[batch.index[k]] and batch.index[k] not in batch.errors:
+                        self._refuse(batch.index[k], ErrorBody(code=500, type="internal_error",
+                                                               message="the explanation failed"), out)
         return out
+
+    def _header(self, i: int, name: str) -> str | None:
+        headers = self.context.get_all_request_header(i) or {}
+        value = next((v for k, v in headers.items() if str(k).lower() == name), None)
+        if isinstance(value, bytes | bytearray):
+            value = bytes(value).decode("latin-1")
+        return value if isinstance(value, str) else None
 
     def preprocess(self, requests: list[dict]) -> Batch:
         t0 = time.perf_counter()
-        batch = split_requests(requests, self.card)
+        content_types = [self._header(i, CONTENT_TYPE_HEADER) for i in range(len(requests))]
+        batch = split_requests(requests, self.card, content_types)
         self._metric("XrayPreprocessMs", (time.perf_counter() - t0) * 1000, "ms", MetricTypes.GAUGE)
         return batch
 
@@ -95,13 +111,17 @@ class XrayHandler(BaseHandler):
             self.context.set_response_content_type(i, "application/json")
         return out
 
-    def explain_batch(self, batch: Batch, wanted: list[int], requests: list[dict], out: list[dict]) -> None:
+    def explain_batch(self, batch: Batch, wanted: list[int], out: list[dict]) -> None:
         """Replace the predictions of the requests that asked for it by a Grad-CAM explanation."""
         names = self.card.class_names
         ok, targets = [], []
         for k in wanted:
             i = batch.index[k]
-            target = self._target(i, requests[i]) or out[i]["label"]
+            try:
+                target = self._target(i, batch.fields[i]) or out[i]["label"]
+            except ValueError as exc:
+                self._refuse(i, ErrorBody(code=400, type="invalid_target", message=str(exc)), out)
+                continue
             if self.explainer is None:
                 self._refuse(i, ErrorBody(code=422, type="not_explainable", message=self.not_explainable), out)
                 continue
@@ -123,14 +143,22 @@ class XrayHandler(BaseHandler):
                                  heatmap=np.round(cam, 4).tolist(), overlay_png=overlay_png(gray, cam)).model_dump()
         self._metric("XrayExplainMs", (time.perf_counter() - t0) * 1000, "ms", MetricTypes.GAUGE)
 
-    def _target(self, i: int, request: dict) -> str | None:
+    def _target(self, i: int, fields: dict) -> str | None:
         """The class to explain: multipart field 'target' or header X-Target-Class (TorchServe drops
-        query parameters of raw-body requests)."""
-        value = request.get("target")
+        query parameters of raw-body requests). ValueError for anything but a short ASCII name."""
+        value = fields.get("target")
         if value is None:
-            headers = self.context.get_all_request_header(i) or {}
-            value = next((v for k, v in headers.items() if str(k).lower() == TARGET_HEADER), None)
-        return value.decode() if isinstance(value, bytes | bytearray) else value
+            value = self._header(i, TARGET_HEADER)
+        if value is None:
+            return None
+        if isinstance(value, bytes | bytearray):
+            try:
+                value = bytes(value).decode("ascii")
+            except UnicodeDecodeError:
+                raise ValueError("the target is not ASCII text: send NORMAL or PNEUMONIA") from None
+        if not isinstance(value, str) or len(value) > 64:
+            raise ValueError("the target must be a class name: NORMAL or PNEUMONIA")
+        return value.strip()
 
     def _refuse(self, i: int, err: ErrorBody, out: list[dict]) -> None:
         self.context.set_response_status(err.code, HTTPStatus(err.code).phrase, i)

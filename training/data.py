@@ -20,7 +20,7 @@ from handlers import preprocess
 from training.sources import REPO_ROOT, detect_format, iter_split, list_image_folder
 
 CACHE_DIR = REPO_ROOT / "artifacts" / "cache"
-CACHE_VERSION = "1"  # bump when handlers.preprocess changes what it produces
+CACHE_VERSION = "2"  # bump when handlers.preprocess changes what it produces
 
 
 @dataclass
