@@ -52,10 +52,10 @@ archive: setup ## pack model_store/xray.mar (BACKEND=onnxruntime|torchscript; WO
 	$(PY) -m export.archive --backend $(BACKEND) $(if $(WORKERS),--min-workers $(WORKERS) --max-workers $(WORKERS),) \
 	  $(if $(THREADS),--threads $(THREADS),) $(if $(BATCH),--batch-size $(BATCH),) $(if $(DELAY),--max-batch-delay $(DELAY),)
 
-serve: setup ## start TorchServe in the background; returns once a real prediction succeeds
+serve: setup ## gateway + TorchServe, supervised, in the background; returns once the probe radiograph is answered
 	$(PY) -m serving.launcher start
 
-stop: setup ## stop TorchServe
+stop: setup ## drain in-flight requests, then stop the gateway and TorchServe
 	$(PY) -m serving.launcher stop
 
 evaluate: setup ## every image of SPLIT through the live endpoint -> reports/evaluate/
@@ -65,6 +65,11 @@ bench: setup ## in-process limit vs live endpoint at concurrency 1/8/32/64 -> re
 	@command -v wrk >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk; } \
 	  || echo "wrk unavailable: the async httpx client loads the endpoint (it needs a core of its own)"
 	$(PY) -m serving.bench
+
+chaos: setup ## issue 12's attacks against the live server (`make serve` first) -> reports/chaos.md (QUICK=1: lighter)
+	@command -v wrk >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk; } \
+	  || echo "wrk unavailable: the overload case is skipped"
+	$(PY) -m serving.chaos $(if $(QUICK),--quick,)
 
 soak: setup ## hold concurrency 64 against the live endpoint for MINUTES (default 10) -> reports/soak.json
 	$(PY) -m serving.soak --url $(URL) --minutes $(or $(MINUTES),10) --concurrency 64

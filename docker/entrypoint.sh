@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
-# Container entrypoint: render TorchServe's config for the container (every port on 0.0.0.0
-# inside the container's network namespace, token auth on, model API off) and run TorchServe in
-# the FOREGROUND, so the container lives exactly as long as the server.
+# Container entrypoint: the supervisor in the FOREGROUND (serving/supervisor.py): the nginx gateway
+# on 0.0.0.0:8080 (inference, bearer token) and :8082 (metrics) inside the container's network
+# namespace, TorchServe behind it on unix sockets, restarted with back-off if it dies; SIGTERM
+# drains in-flight requests, then stops both. The container lives as long as the supervisor.
 #
 # Paths (env): XRAY_MODEL_STORE (/app/model_store, baked in or mounted read-only),
-# XRAY_STATE_DIR (/var/lib/xray: config, keys/key_file.json, tmp dirs), XRAY_LOG_DIR (/var/log/xray).
-# Extra arguments are passed on to `python -m ts.model_server`.
+# XRAY_STATE_DIR (/var/lib/xray: sockets, keys, tmp dirs), XRAY_LOG_DIR (/var/log/xray),
+# XRAY_TOKEN_FILE (/var/run/secrets/xray/token: clients' tokens, one a line, re-read on change;
+# when the file is missing a token is generated into $XRAY_STATE_DIR/keys/key_file.json).
 set -euo pipefail
 
 store="${XRAY_MODEL_STORE:-/app/model_store}"
@@ -17,17 +19,11 @@ if [ ! -f "$store/xray.mar" ]; then
          "the image or mount it: -v \"\$PWD/model_store:$store:ro\"" >&2
     exit 2
 fi
-
-mkdir -p "$state/keys" "$state/tmp" "$state/jtmp" "$state/cwd" "$logs" "${MPLCONFIGDIR:-/tmp/matplotlib}"
-# A key file left by an earlier run of this state dir would be stale: TorchServe writes a new one.
-rm -f "$state/keys/key_file.json"
-python -m serving.settings --host 0.0.0.0 --model-store "$store" --state-dir "$state" --log-dir "$logs" \
-    > "$state/config.properties"
-
-# TMPDIR: pid file and worker sockets; TEMP: TorchServe's extracted models; logs via LOG_LOCATION.
-export TMPDIR="$state/tmp" TEMP="$state/jtmp" LOG_LOCATION="$logs" METRICS_LOCATION="$logs"
-rm -f "$TMPDIR/.model_server.pid"
-cd "$state/cwd"
-echo "entrypoint: TorchServe for $store/xray.mar; bearer tokens in $state/keys/key_file.json" >&2
-exec python -m ts.model_server --start --foreground --ncs \
-    --ts-config "$state/config.properties" --model-store "$store" "$@"
+if [ -n "${XRAY_TOKEN_FILE:-}" ] && [ ! -f "$XRAY_TOKEN_FILE" ]; then
+    echo "entrypoint: no token file at $XRAY_TOKEN_FILE: a token is generated into $state/keys/key_file.json" >&2
+    unset XRAY_TOKEN_FILE
+fi
+mkdir -p "$state" "$logs" "${MPLCONFIGDIR:-/tmp/matplotlib}"
+cd /app
+exec python -m serving.launcher supervise --host 0.0.0.0 --model-store "$store" --state-dir "$state" \
+    --log-dir "$logs" "$@"

@@ -4,8 +4,8 @@
 # model_store/ mounted read-only when it holds xray.mar (else the archive baked into the image is
 # served), then wait for the HEALTHCHECK (READY worker + a real prediction) to say healthy.
 #
-# Env: IMAGE (xray-serve:latest), NAME (xray-serve), DOCKER (docker), PORT (8080; +1 management,
-# +2 metrics), GPUS (auto|all|none|<docker --gpus value>), MODEL_STORE (./model_store), WAIT (300 s; 0 = no wait).
+# Env: IMAGE (xray-serve:latest), NAME (xray-serve), DOCKER (docker), PORT (8080; +2 metrics; the
+# management API is never published), GPUS (auto|all|none|<docker --gpus value>), MODEL_STORE (./model_store), WAIT (300 s; 0 = no wait).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 IMAGE=${IMAGE:-xray-serve:latest}
@@ -17,7 +17,10 @@ MODEL_STORE=${MODEL_STORE:-$PWD/model_store}
 WAIT=${WAIT:-300}
 
 args=(-d --name "$NAME" --restart unless-stopped
-      -p "127.0.0.1:$PORT:8080" -p "127.0.0.1:$((PORT + 1)):8081" -p "127.0.0.1:$((PORT + 2)):8082")
+      -p "127.0.0.1:$PORT:8080" -p "127.0.0.1:$((PORT + 2)):8082")
+if [ -n "${TOKEN_FILE:-}" ]; then  # clients' tokens, one a line; else one is generated at each start
+    args+=(-v "$(cd "$(dirname "$TOKEN_FILE")" && pwd)/$(basename "$TOKEN_FILE"):/var/run/secrets/xray/token:ro")
+fi
 if [ "$GPUS" = auto ]; then
     command -v nvidia-smi >/dev/null && nvidia-smi -L >/dev/null 2>&1 && GPUS=all || GPUS=none
 fi
@@ -44,7 +47,7 @@ while :; do
     sleep 2
 done
 echo "docker-run: healthy on http://127.0.0.1:$PORT (GPUs: $GPUS)"
-echo "  tokens:  $DOCKER exec $NAME cat /var/lib/xray/keys/key_file.json   (new at every start)"
+echo "  token:   ${TOKEN_FILE:-$DOCKER exec $NAME cat /var/lib/xray/keys/key_file.json   (new at every start)}"
 echo "  predict: curl -H \"Authorization: Bearer \$INFERENCE_KEY\" --data-binary @image.jpeg" \
      "http://127.0.0.1:$PORT/predictions/xray"
 echo "  stop:    $DOCKER rm -f $NAME"

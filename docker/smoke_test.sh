@@ -17,7 +17,7 @@
 #
 # Env: MAR (an existing xray.mar to serve; default: model_store/xray.mar, else a quick one is
 # trained+exported+archived into the temp dir), DATA_DIR, WHEELS (/opt/wheels), PYTHON (.venv's),
-# IMAGE (xray-serve:test), PORT_BASE (18080: inference, +1 management, +2 metrics),
+# IMAGE (xray-serve:test), PORT_BASE (18080: inference, +2 metrics; management is never published),
 # BASE_CACHE (a cached base tarball; default ~/.cache/xray-serve/bookworm-minbase.tar),
 # KEEP_ENGINE=1 (leave the daemon and its data root: faster reruns, prints how to stop it).
 set -euo pipefail
@@ -149,7 +149,7 @@ log "built $IMAGE ($(docker image inspect -f '{{.Size}}' "$IMAGE" | awk '{printf
 CONTAINER=xray-serve-test-$$
 p0=$PORT_BASE p1=$((PORT_BASE + 1)) p2=$((PORT_BASE + 2))
 docker run -d --name "$CONTAINER" --health-interval 5s --health-start-period 240s \
-    -p "127.0.0.1:$p0:8080" -p "127.0.0.1:$p1:8081" -p "127.0.0.1:$p2:8082" \
+    -p "127.0.0.1:$p0:8080" -p "127.0.0.1:$p2:8082" \
     -v "$STORE:/app/model_store:ro" "$IMAGE" >/dev/null
 user=$(docker inspect -f '{{.Config.User}}' "$CONTAINER")
 [[ "$user" =~ ^[1-9][0-9]*(:[0-9]+)?$ ]] || { echo "container user '$user' is not a numeric non-root uid" >&2; exit 1; }
@@ -170,10 +170,11 @@ log "healthy: $(docker inspect -f '{{json .State.Health.Log}}' "$CONTAINER" \
 
 docker exec "$CONTAINER" cat /var/lib/xray/keys/key_file.json > "$XD/key_file.json"
 [ "$(docker exec "$CONTAINER" id -u)" != 0 ] || { echo "TorchServe runs as root" >&2; exit 1; }
-"$PYTHON" docker/test_container.py --url "http://127.0.0.1:$p0" --management-url "http://127.0.0.1:$p1" \
+"$PYTHON" docker/test_container.py --url "http://127.0.0.1:$p0" \
     --metrics-url "http://127.0.0.1:$p2" --key-file "$XD/key_file.json" --data-dir "$DATA_DIR"
 
-# A graceful stop: SIGTERM reaches TorchServe through tini and the container exits well within 30 s.
+# A graceful stop: SIGTERM reaches the supervisor through tini; it drains the gateway, stops
+# TorchServe and the container exits well within 30 s.
 t0=$(date +%s)
 docker stop -t 30 "$CONTAINER" >/dev/null
 code=$(docker inspect -f '{{.State.ExitCode}}' "$CONTAINER")

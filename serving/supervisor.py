@@ -203,7 +203,8 @@ class Supervisor:
         out = open(self.s.log_dir / "gateway.out", "ab")  # noqa: SIM115 (the child keeps it)
         self.nginx = subprocess.Popen([nginx_binary(), "-p", str(self.s.run_dir), "-e", str(self.s.log_dir /
                                        "gateway_error.log"), "-c", str(conf), "-g", "daemon off;"],
-                                      stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+                                      stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                      process_group=0)  # a group signal to us (tini -g) must not cut the drain
         out.close()
         self.state["gateway_starts"] += 1
         self._save_state()

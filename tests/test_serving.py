@@ -4,19 +4,24 @@ from __future__ import annotations
 
 import io
 import json
+import os
+import stat
+import subprocess
+import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
 import numpy as np
+import psutil
 import pytest
 from PIL import Image
 
 from handlers.schemas import ErrorBody, Prediction
 from serving import launcher
 from serving.bench import metric_sum
-from serving.settings import REPO_ROOT, ServeSettings
-from tests.helpers import keys, serve_settings
+from serving.settings import REPO_ROOT, ServeSettings, read_keys
+from tests.helpers import free_ports, keys, serve_settings, workers
 
 pytestmark = [pytest.mark.server, pytest.mark.slow]
 
@@ -78,29 +83,46 @@ def test_concurrent_requests_are_batched_and_bad_ones_answered_alone(server: Ser
 
 
 def test_token_is_required(server: ServeSettings, sample_jpeg: bytes) -> None:
-    for token in (None, "wrong-token", keys(server)["management"]):
+    ts_keys = read_keys(server.ts_key_file)  # TorchServe's own keys are no client token either
+    for token in (None, "wrong-token", ts_keys["inference"], ts_keys["management"]):
         r = predict(server, sample_jpeg, token=token)
-        # TorchServe 0.12 answers a missing or wrong token with 400 InvalidKeyException.
-        assert r.status_code in (400, 401), r.text
-        assert "InvalidKeyException" in r.text
-    r = httpx.get(f"{server.management_url}/models", timeout=10)
-    assert r.status_code in (400, 401) and "InvalidKeyException" in r.text
+        assert r.status_code == 401, r.text
+        assert ErrorBody.model_validate(r.json()).type == "unauthorized"
+        assert r.headers["www-authenticate"] == "Bearer"
+    r = httpx.get(f"{server.inference_url}/ping", timeout=10)  # liveness needs no token
+    assert r.status_code == 200 and r.json()["status"] == "Healthy"
+    assert httpx.get(f"{server.metrics_url}/metrics", timeout=10).status_code == 200
 
 
-def test_model_api_is_off(server: ServeSettings) -> None:
-    headers = {"Authorization": f"Bearer {keys(server)['management']}"}
-    r = httpx.post(f"{server.management_url}/models", params={"url": "xray.mar"}, headers=headers, timeout=10)
-    assert r.status_code == 405, r.text
-    r = httpx.get(f"{server.management_url}/models/xray", headers=headers, timeout=10)
-    assert r.status_code == 200 and r.json()[0]["batchSize"] == 8
+def test_management_api_is_unreachable_from_any_port(server: ServeSettings) -> None:
+    """Issue 12.3: PUT /models/xray?min_worker=0 with the management token stopped inference. No TCP
+    port serves the management API now: the gateway answers 404, TorchServe listens on TCP only for
+    gRPC (guarded by its own keys, which no client gets), and its sockets lie in a private dir."""
+    token = keys(server)["inference"]
+    for url in (server.inference_url, server.metrics_url):
+        r = httpx.put(f"{url}/models/xray", params={"min_worker": 0}, timeout=10,
+                      headers={"Authorization": f"Bearer {token}"})
+        assert r.status_code == 404, r.text
+    java = [p for p in psutil.process_iter(["cmdline"]) if str(server.state_dir) in " ".join(p.info["cmdline"] or [])
+            and "org.pytorch.serve.ModelServer" in " ".join(p.info["cmdline"] or [])]
+    assert len(java) == 1
+    tcp = {c.laddr.port for c in java[0].net_connections("inet") if c.status == psutil.CONN_LISTEN}
+    assert tcp == {server.grpc_inference_port, server.grpc_management_port}
+    assert stat.S_IMODE(server.run_dir.stat().st_mode) == 0o700
+    assert stat.S_IMODE(server.state_dir.stat().st_mode) == 0o700
+    assert len(workers(server)) == 2  # the launcher reaches it, through the socket, with TorchServe's key
+    with launcher.management(server) as m:  # and the model API stays off even there
+        assert m.post("/models", params={"url": "xray.mar"}).status_code == 405
 
 
-def test_every_address_is_loopback(server: ServeSettings) -> None:
-    props = dict(line.split("=", 1) for line in (server.state_dir / "config.properties").read_text().splitlines())
+def test_every_address_is_loopback_or_a_private_socket(server: ServeSettings) -> None:
+    props = dict(line.split("=", 1) for line in (server.run_dir / "config.properties").read_text().splitlines())
     for key in ("inference_address", "management_address", "metrics_address"):
-        assert props[key].startswith("http://127.0.0.1:")
+        assert props[key].startswith(f"unix:{server.run_dir}/")
     assert props["grpc_inference_address"] == props["grpc_management_address"] == "127.0.0.1"
     assert props["enable_model_api"] == "false" and props["disable_token_authorization"] == "false"
+    conf = (server.run_dir / "nginx.conf").read_text()
+    assert f"listen 127.0.0.1:{server.inference_port} " in conf and f"listen 127.0.0.1:{server.metrics_port};" in conf
 
 
 def test_committed_config_is_the_rendered_default() -> None:
@@ -140,3 +162,18 @@ def test_a_second_instance_starts_beside_and_stops_cleanly(tmp_path: Path, model
         httpx.get(f"{other.inference_url}/ping", timeout=2)
     assert not other.key_file.exists()
     assert predict(server, sample_jpeg).status_code == 200
+
+
+def test_the_container_healthcheck_is_the_launchers_readiness(server: ServeSettings, tmp_path: Path) -> None:
+    """docker/healthcheck.py sends the radiograph packed into the .mar and needs a 200 with a label;
+    a server that answers something else (here: no server) is unhealthy."""
+    env = {**os.environ, "XRAY_STATE_DIR": str(server.state_dir), "XRAY_MODEL_STORE": str(server.model_store),
+           "XRAY_HEALTHCHECK_URL": server.inference_url}
+    env.pop("XRAY_TOKEN_FILE", None)
+    ok = subprocess.run([sys.executable, str(REPO_ROOT / "docker" / "healthcheck.py")], env=env, capture_output=True,
+                        text=True, timeout=60)
+    assert ok.returncode == 0 and ok.stdout.startswith("healthy:") and "probe=" in ok.stdout, ok.stdout
+    (port,) = free_ports(1)
+    bad = subprocess.run([sys.executable, str(REPO_ROOT / "docker" / "healthcheck.py")], capture_output=True,
+                         env={**env, "XRAY_HEALTHCHECK_URL": f"http://127.0.0.1:{port}"}, text=True, timeout=60)
+    assert bad.returncode == 1 and bad.stdout.startswith("unhealthy:"), bad.stdout
