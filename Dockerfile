@@ -49,14 +49,14 @@ RUN --mount=type=secret,id=ca_bundle,target=/run/secrets/ca_bundle.crt \
     && /opt/venv/bin/pip install --find-links /wheels -r requirements.lock "PyYAML==6.0.3" \
     && /opt/venv/bin/python -c "import torch, ts, onnxruntime, yaml; assert torch.version.cuda is None, torch.__version__; print('torch', torch.__version__, 'ort', onnxruntime.__version__, onnxruntime.get_available_providers())"
 
+# The XRAY_* paths and the exposed ports are handlers/constants.py's CONTAINER_* and *_PORT (a test keeps them equal).
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONPATH=/app \
     HOME=/var/lib/xray \
     MPLCONFIGDIR=/tmp/matplotlib \
     XRAY_STATE_DIR=/var/lib/xray \
     XRAY_LOG_DIR=/var/log/xray \
-    XRAY_MODEL_STORE=/app/model_store \
-    XRAY_TOKEN_FILE=/var/run/secrets/xray/token
+    XRAY_MODEL_STORE=/app/model_store
 
 COPY handlers/ handlers/
 COPY training/ training/

@@ -20,8 +20,9 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root: run as a script
 
+from handlers.constants import MODEL_NAME
 from handlers.schemas import Prediction
-from serving.settings import MODEL_NAME, read_keys
+from serving.settings import read_keys
 from training.sources import default_data_dir
 
 

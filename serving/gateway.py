@@ -30,9 +30,9 @@ import re
 import secrets
 from pathlib import Path
 
+from handlers.constants import CONTENT_TYPE_HEADER
 from serving.settings import ServeSettings
 
-CONTENT_TYPE_HEADER = "X-Xray-Content-Type"
 TOKEN_PATTERN = re.compile(r"^[A-Za-z0-9._~+/=-]{16,256}$")  # nothing nginx would read as syntax
 PROXIED = r"^/(predictions|explanations)/"
 

@@ -24,11 +24,11 @@ import sys
 import time
 from pathlib import Path
 
-import httpx
-
+from handlers import torchserve
+from handlers.constants import MODEL_NAME, REPO_ROOT
 from handlers.schemas import Prediction
 from serving import readiness, supervisor
-from serving.settings import MODEL_NAME, REPO_ROOT, ServeSettings, read_keys
+from serving.settings import ServeSettings, read_keys
 
 
 class LaunchError(RuntimeError):
@@ -47,23 +47,16 @@ def _port_open(port: int) -> bool:
         return sock.connect_ex(("127.0.0.1", port)) == 0
 
 
-def management(s: ServeSettings, timeout: float = 10) -> httpx.Client:
-    """A client for TorchServe's management API: its unix socket, with TorchServe's own key."""
-    s = s.resolved()
-    key = read_keys(s.ts_key_file, attempts=3)["management"]
-    return httpx.Client(transport=httpx.HTTPTransport(uds=str(s.socket("management"))), base_url="http://localhost",
-                        headers={"Authorization": f"Bearer {key}"}, timeout=timeout)
+def management_token(s: ServeSettings) -> str:
+    """TorchServe's own management key (its key file in the private state dir); no client holds it."""
+    return read_keys(s.resolved().ts_key_file, attempts=3)["management"]
 
 
 def list_workers(s: ServeSettings, timeout: float = 10) -> list[dict]:
-    """The model's workers (id, pid, status, ...) as the management API lists them; [] when it
-    answers anything but 200. Connection errors are raised (httpx.TransportError, OSError)."""
-    with management(s, timeout) as c:
-        r = c.get(f"/models/{MODEL_NAME}")
-    try:
-        return list(r.json()[0].get("workers", [])) if r.status_code == 200 else []
-    except (ValueError, IndexError, AttributeError):
-        return []
+    """The model's workers (id, pid, status, ...) through the management API's unix socket; [] when
+    it answers anything but 200. Raises OSError when nothing answers, ValueError/KeyError without keys."""
+    s = s.resolved()
+    return torchserve.list_workers(s.socket("management"), management_token(s), timeout=timeout)
 
 
 def client_token(s: ServeSettings) -> str | None:
@@ -165,7 +158,7 @@ def status(s: ServeSettings) -> str:
         return "stopped"
     try:
         workers = [f"{w['id']}:{w['status']}" for w in list_workers(s, 5)]
-    except (httpx.HTTPError, OSError, KeyError, ValueError):
+    except (OSError, KeyError, ValueError):
         workers = []
     st = supervisor.read_state(s)
     return (f"running (supervisor pid {pid}) at {s.inference_url}; workers {workers or 'unknown'}; TorchServe "
@@ -186,11 +179,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--settings-json", type=Path, help=argparse.SUPPRESS)
     p.add_argument("--timeout", type=float, default=240)
     ns = p.parse_args(argv)
+    s = ServeSettings(**{k: v for k, v in vars(ns).items()
+                         if v is not None and k not in ("command", "timeout", "settings_json")})
+    running = s.resolved().run_dir / "settings.json"
+    if ns.command in ("stop", "status") and running.is_file():
+        ns.settings_json = running  # the running server's own ports and limits
     if ns.settings_json:
         s = ServeSettings.model_validate(json.loads(ns.settings_json.read_text()))
-    else:
-        s = ServeSettings(**{k: v for k, v in vars(ns).items()
-                             if v is not None and k not in ("command", "timeout", "settings_json")})
     try:
         if ns.command == "supervise":
             return supervisor.main(s)

@@ -3,7 +3,7 @@
 
 `/ping` says Healthy before the model is loaded and while its workers crash-loop, and a noise
 image is (rightly) refused by a model that gates its input, so the probe is a real radiograph
-packed into the .mar at archive time (export.archive.READINESS_PROBE).
+packed into the .mar at archive time (handlers.constants.READINESS_PROBE_NAME).
 """
 
 from __future__ import annotations
@@ -14,10 +14,9 @@ from pathlib import Path
 import httpx
 from pydantic import ValidationError
 
+from handlers.constants import MODEL_NAME
+from handlers.constants import READINESS_PROBE_NAME as PROBE_NAME
 from handlers.schemas import Prediction
-
-MODEL_NAME = "xray"
-PROBE_NAME = "readiness_probe"  # export.archive writes it under this name
 
 
 class NotReady(RuntimeError):

@@ -22,12 +22,11 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, IPvAnyAddress
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-MODEL_NAME = "xray"
-KEY_FILE_NAME = "key_file.json"
+from handlers import constants as C
+from handlers.constants import KEY_FILE_NAME, MODEL_NAME, REPO_ROOT
+
 # TorchServe's internal keys live as long as the server: only the gateway and launcher hold them.
 TS_TOKEN_EXPIRATION_MIN = 60 * 24 * 365
-TOKEN_FILE_ENV = "XRAY_TOKEN_FILE"
 LOG_FILES = ("access_log", "model_log", "model_metrics", "ts_log", "ts_metrics")
 # (logger, level, file): access lines at info; the worker's stdout/stderr (MODEL_LOG) at info so
 # its tracebacks stay; nothing reaches the console (torchserve.out holds start-up and crashes only).
@@ -39,16 +38,18 @@ LOGGERS = (("ACCESS_LOG", "info", "access_log"), ("MODEL_LOG", "info", "model_lo
 class ServeSettings(BaseModel):
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
 
-    host: IPvAnyAddress = Field(default="127.0.0.1", description="every port binds here; 0.0.0.0 only in a container")
-    inference_port: int = Field(default=8080, ge=1, le=65535, description="the gateway's inference port")
-    metrics_port: int = Field(default=8082, ge=1, le=65535, description="the gateway's /metrics port")
-    grpc_inference_port: int = Field(default=7070, ge=1, le=65535)
-    grpc_management_port: int = Field(default=7071, ge=1, le=65535)
-    initial_worker_port: int = Field(default=9000, ge=1, le=65535, description="worker sockets .ts.sock.<port>")
+    host: IPvAnyAddress = Field(default=C.HOST, description="the gateway binds here; 0.0.0.0 only in a container")
+    inference_port: int = Field(default=C.INFERENCE_PORT, ge=1, le=65535, description="the gateway's inference port")
+    metrics_port: int = Field(default=C.METRICS_PORT, ge=1, le=65535, description="the gateway's /metrics port")
+    grpc_inference_port: int = Field(default=C.GRPC_INFERENCE_PORT, ge=1, le=65535)
+    grpc_management_port: int = Field(default=C.GRPC_MANAGEMENT_PORT, ge=1, le=65535)
+    initial_worker_port: int = Field(default=C.INITIAL_WORKER_PORT, ge=1, le=65535,
+                                     description="worker sockets .ts.sock.<port>")
     # Relative paths are relative to the repository root (see resolved()).
-    model_store: Path = Path("model_store")
-    state_dir: Path = Field(default=Path(".serve"), description="pid, key file, temp dirs (git-ignored)")
-    log_dir: Path = Path("logs")
+    model_store: Path = C.MODEL_STORE.relative_to(REPO_ROOT)
+    state_dir: Path = Field(default=C.STATE_DIR.relative_to(REPO_ROOT),
+                            description="sockets, pid files, keys, temp dirs (git-ignored, 0700)")
+    log_dir: Path = C.LOG_DIR.relative_to(REPO_ROOT)
     max_request_size: int = Field(default=16 * 1024 * 1024, gt=0, description="bytes; larger bodies get 413")
     job_queue_size: int = Field(default=256, ge=1)
     netty_threads: int = Field(default=0, ge=0, description="0 = TorchServe's default (cores)")
@@ -75,7 +76,7 @@ class ServeSettings(BaseModel):
         return self.model_copy(update=paths)
 
     def url(self, port: int) -> str:
-        host = "127.0.0.1" if str(self.host) == "0.0.0.0" else str(self.host)
+        host = C.HOST if str(self.host) == "0.0.0.0" else str(self.host)
         return f"http://{host}:{port}"
 
     @property

@@ -22,17 +22,20 @@ from pathlib import Path
 
 import psutil
 
+from handlers import constants as C
+from handlers.torchserve import list_workers
 from serving.bench import endpoint_level, load_bodies
-from serving.client import DEFAULT_URL, XrayClient
-from serving.launcher import list_workers
-from serving.settings import REPO_ROOT, ServeSettings
+from serving.client import XrayClient
+from serving.settings import ServeSettings, read_keys
 from training.sources import default_data_dir
 
 
 def worker_rss(server: ServeSettings) -> int:
     """Total RSS in bytes of the model's worker processes (0 when none answers)."""
     total = 0
-    for w in list_workers(server):
+    with contextlib.suppress(OSError, KeyError, ValueError):  # TorchServe restarting: no key, no socket yet
+        workers = list_workers(server.socket("management"), read_keys(server.ts_key_file, attempts=3)["management"])
+    for w in locals().get("workers", []):
         with contextlib.suppress(psutil.Error, ValueError):
             total += psutil.Process(int(w["pid"])).memory_info().rss
     return total
@@ -61,7 +64,7 @@ async def soak(url: str, server: ServeSettings, bodies: list[bytes], seconds: fl
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--url", default=DEFAULT_URL)
+    p.add_argument("--url", default=C.INFERENCE_URL)
     p.add_argument("--state-dir", type=Path, default=None, help="the server's state dir (default .serve): "
                    "worker RSS through its management socket")
     p.add_argument("--minutes", type=float)
@@ -72,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--images", type=int, default=64, help="distinct test images cycled through")
     p.add_argument("--data-dir", type=Path, default=None)
     p.add_argument("--key-file", type=Path)
-    p.add_argument("--out", type=Path, default=REPO_ROOT / "reports" / "soak.json")
+    p.add_argument("--out", type=Path, default=C.REPORTS_DIR / "soak.json")
     ns = p.parse_args(argv)
     seconds = ns.minutes * 60 if ns.minutes else ns.seconds
     warmup = ns.warmup if ns.warmup is not None else min(60.0, 0.2 * seconds)

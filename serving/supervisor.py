@@ -32,8 +32,9 @@ from pathlib import Path
 
 import psutil
 
+from handlers.constants import TOKEN_FILE_ENV
 from serving import gateway
-from serving.settings import TOKEN_FILE_ENV, ServeSettings, read_keys
+from serving.settings import ServeSettings, read_keys
 
 log = logging.getLogger("xray.supervisor")
 

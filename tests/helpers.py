@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from handlers.constants import REPO_ROOT as REPO
 from serving.settings import ServeSettings, read_keys
 
-REPO = Path(__file__).resolve().parents[1]
 CLASSES = ("NORMAL", "PNEUMONIA")
 
 

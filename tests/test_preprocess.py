@@ -11,8 +11,8 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from handlers import preprocess
-from handlers.batch import payload, request_fields
 from handlers.preprocess import PreprocessError
+from handlers.request import payload, request_fields
 from tests.bad_inputs import cases
 from tests.helpers import png_bytes
 

@@ -17,10 +17,12 @@ import psutil
 import pytest
 from PIL import Image
 
+from handlers import torchserve
+from handlers.constants import REPO_ROOT
 from handlers.schemas import ErrorBody, Prediction
 from serving import launcher
 from serving.bench import metric_sum
-from serving.settings import REPO_ROOT, ServeSettings, read_keys
+from serving.settings import ServeSettings, read_keys
 from tests.helpers import free_ports, keys, serve_settings, workers
 
 pytestmark = [pytest.mark.server, pytest.mark.slow]
@@ -111,8 +113,9 @@ def test_management_api_is_unreachable_from_any_port(server: ServeSettings) -> N
     assert stat.S_IMODE(server.run_dir.stat().st_mode) == 0o700
     assert stat.S_IMODE(server.state_dir.stat().st_mode) == 0o700
     assert len(workers(server)) == 2  # the launcher reaches it, through the socket, with TorchServe's key
-    with launcher.management(server) as m:  # and the model API stays off even there
-        assert m.post("/models", params={"url": "xray.mar"}).status_code == 405
+    status, _ = torchserve.management_request(server.socket("management"), launcher.management_token(server),
+                                              "POST", "/models?url=xray.mar")
+    assert status == 405  # and the model API stays off even there
 
 
 def test_every_address_is_loopback_or_a_private_socket(server: ServeSettings) -> None:
@@ -164,16 +167,24 @@ def test_a_second_instance_starts_beside_and_stops_cleanly(tmp_path: Path, model
     assert predict(server, sample_jpeg).status_code == 200
 
 
-def test_the_container_healthcheck_is_the_launchers_readiness(server: ServeSettings, tmp_path: Path) -> None:
-    """docker/healthcheck.py sends the radiograph packed into the .mar and needs a 200 with a label;
-    a server that answers something else (here: no server) is unhealthy."""
-    env = {**os.environ, "XRAY_STATE_DIR": str(server.state_dir), "XRAY_MODEL_STORE": str(server.model_store),
-           "XRAY_HEALTHCHECK_URL": server.inference_url}
-    env.pop("XRAY_TOKEN_FILE", None)
-    ok = subprocess.run([sys.executable, str(REPO_ROOT / "docker" / "healthcheck.py")], env=env, capture_output=True,
-                        text=True, timeout=60)
-    assert ok.returncode == 0 and ok.stdout.startswith("healthy:") and "probe=" in ok.stdout, ok.stdout
+def test_container_healthcheck_says_healthy_only_when_the_model_answers(server: ServeSettings, tmp_path: Path) -> None:
+    """docker/healthcheck.py is the launcher's readiness: the radiograph packed into the .mar must
+    get a 200 with a label through the gateway."""
+    env = {k: v for k, v in os.environ.items() if k != "XRAY_TOKEN_FILE"}
+
+    def healthcheck(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, str(REPO_ROOT / "docker" / "healthcheck.py"), "--model-store",
+                               str(server.model_store), *args], capture_output=True, text=True, timeout=60, env=env)
+
+    url = ["--inference-url", server.inference_url]
+    ok = healthcheck(*url, "--key-file", str(server.key_file))
+    assert ok.returncode == 0 and ok.stdout.startswith("healthy:") and "probe=" in ok.stdout, ok.stdout + ok.stderr
+    wrong = tmp_path / "key_file.json"
+    wrong.write_text(json.dumps({"inference": {"key": "wrong"}}))
+    refused = healthcheck(*url, "--key-file", str(wrong))
+    assert refused.returncode == 1 and "401" in refused.stdout, refused.stdout
+    missing = healthcheck(*url, "--key-file", str(tmp_path / "absent.json"))
+    assert missing.returncode == 1 and "no token" in missing.stdout, missing.stdout
     (port,) = free_ports(1)
-    bad = subprocess.run([sys.executable, str(REPO_ROOT / "docker" / "healthcheck.py")], capture_output=True,
-                         env={**env, "XRAY_HEALTHCHECK_URL": f"http://127.0.0.1:{port}"}, text=True, timeout=60)
-    assert bad.returncode == 1 and bad.stdout.startswith("unhealthy:"), bad.stdout
+    down = healthcheck("--inference-url", f"http://127.0.0.1:{port}", "--key-file", str(server.key_file))
+    assert down.returncode == 1 and down.stdout.startswith("unhealthy:"), down.stdout
