@@ -22,6 +22,7 @@ import contextlib
 import json
 import logging
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -113,6 +114,12 @@ def nginx_binary() -> str:
     raise FileNotFoundError("nginx not found: run `make setup` (apt-get install nginx-light)")
 
 
+def nginx_version(nginx: str) -> tuple[int, ...]:
+    out = subprocess.run([nginx, "-v"], capture_output=True, text=True, timeout=10)
+    m = re.search(r"nginx/(\d+)\.(\d+)\.(\d+)", out.stderr + out.stdout)
+    return tuple(int(x) for x in m.groups()) if m else (0, 0, 0)
+
+
 def prepare_dirs(s: ServeSettings) -> None:
     for d in (s.state_dir, s.run_dir, s.key_file.parent, s.ts_key_file.parent, s.state_dir / "tmp",
               s.state_dir / "jtmp", s.log_dir):
@@ -202,8 +209,11 @@ class Supervisor:
         for sub in ("body", "proxy", "fastcgi", "uwsgi", "scgi"):
             (self.s.run_dir / sub).mkdir(exist_ok=True)
         out = open(self.s.log_dir / "gateway.out", "ab")  # noqa: SIM115 (the child keeps it)
-        self.nginx = subprocess.Popen([nginx_binary(), "-p", str(self.s.run_dir), "-e", str(self.s.log_dir /
-                                       "gateway_error.log"), "-c", str(conf), "-g", "daemon off;"],
+        nginx = nginx_binary()
+        # -e (nginx >= 1.19.5; Ubuntu 22.04 has 1.18) keeps a non-root nginx off /var/log/nginx from the start.
+        early_log = ["-e", str(self.s.log_dir / "gateway_error.log")] if nginx_version(nginx) >= (1, 19, 5) else []
+        self.nginx = subprocess.Popen([nginx, "-p", str(self.s.run_dir), *early_log, "-c", str(conf),
+                                       "-g", "daemon off;"],
                                       stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                       process_group=0)  # a group signal to us (tini -g) must not cut the drain
         out.close()
