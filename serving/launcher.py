@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import signal
 import socket
 import subprocess
@@ -138,17 +137,10 @@ def stop(s: ServeSettings, timeout: float | None = None) -> bool:
     deadline = time.monotonic() + (timeout or 2 * s.drain_timeout_s + 15)
     while time.monotonic() < deadline and ident.alive():
         time.sleep(0.2)
-    if ident.signal(signal.SIGKILL):
-        os.killpg(ident.pid, signal.SIGKILL) if _same_group(ident.pid) else None
+    if ident.signal(signal.SIGKILL):  # it would not stop: it, then what it started, by recorded identity
+        supervisor.kill_children(s)
     (s.run_dir / supervisor.SUPERVISOR_PID).unlink(missing_ok=True)
     return True
-
-
-def _same_group(pid: int) -> bool:
-    try:
-        return os.getpgid(pid) == pid
-    except ProcessLookupError:
-        return False
 
 
 def status(s: ServeSettings) -> str:

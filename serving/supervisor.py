@@ -19,6 +19,7 @@ signalled unless the live process still matches (a reused pid is a stranger).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -40,6 +41,7 @@ from serving.settings import ServeSettings, read_keys
 log = logging.getLogger("xray.supervisor")
 
 SUPERVISOR_PID = "supervisor.json"
+CHILDREN_PID = "children.json"  # the gateway's and TorchServe's process groups, for a last-resort kill
 STATE_FILE = "supervisor_state.json"  # restarts and the last exit, for `status` and make chaos
 BACKOFF_MAX_S = 30.0
 STABLE_S = 60.0
@@ -107,6 +109,22 @@ def read_state(s: ServeSettings) -> dict:
         return {"torchserve_starts": 0, "gateway_starts": 0}
 
 
+def kill_children(s: ServeSettings) -> int:
+    """SIGKILL the process groups of a supervisor that would not stop, if they are still ours."""
+    try:
+        groups = [Identity(int(g["pid"]), float(g["create_time"]), list(g["cmdline"]))
+                  for g in json.loads((s.run_dir / CHILDREN_PID).read_text())]
+    except (OSError, ValueError, KeyError, TypeError):
+        return 0
+    killed = 0
+    for ident in groups:
+        if ident.alive():
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(ident.pid, signal.SIGKILL)  # each child leads its own group (process_group=0)
+                killed += 1
+    return killed
+
+
 def nginx_binary() -> str:
     for candidate in (shutil.which("nginx"), "/usr/sbin/nginx"):
         if candidate and Path(candidate).is_file():
@@ -151,6 +169,14 @@ class Supervisor:
         self.state = {"torchserve_starts": 0, "gateway_starts": 0, "last_exit": None, "since": time.time()}
 
     # --- the pieces ------------------------------------------------------------------------
+    def _save_children(self) -> None:
+        groups = []
+        for child in (self.nginx, self.ts):
+            if child is not None and child.poll() is None:
+                with contextlib.suppress(psutil.Error):
+                    groups.append(dataclasses.asdict(Identity.of(child.pid)))
+        (self.s.run_dir / CHILDREN_PID).write_text(json.dumps(groups))
+
     def _save_state(self) -> None:
         tmp = self.s.run_dir / (STATE_FILE + ".tmp")
         tmp.write_text(json.dumps(self.state))
@@ -219,6 +245,7 @@ class Supervisor:
         out.close()
         self.state["gateway_starts"] += 1
         self._save_state()
+        self._save_children()
         log.info("gateway (nginx pid %d) on %s and %s", self.nginx.pid, self.s.inference_url, self.s.metrics_url)
 
     def reload_gateway(self) -> None:
@@ -246,6 +273,7 @@ class Supervisor:
         self.state["torchserve_starts"] += 1
         self.ts_started = time.monotonic()
         self._save_state()
+        self._save_children()
         log.info("TorchServe started (pid %d, start %d)", self.ts.pid, self.state["torchserve_starts"])
 
     def stop_torchserve(self, timeout: float) -> None:
