@@ -2,7 +2,7 @@
 
     python -m serving.bench [--url INFERENCE_URL] [--metrics-url METRICS_URL] [--start]
                             [--load wrk|httpx] [--seconds 10] [--concurrency 1,8,32,64]
-                            [--model cnn.onnx | --mar model_store/xray.mar] [--out reports]
+                            [--model xraynet.onnx | --mar model_store/xray.mar] [--out reports]
 
 (a) In process: decode + handlers.preprocess + ONNX Runtime (handlers.backends.load_runner) on the
     same image bytes: single-image latency, and throughput in batches of the server's batch size.
@@ -21,9 +21,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import re
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -31,7 +29,6 @@ import zipfile
 from pathlib import Path
 from typing import Any
 
-import httpx
 import numpy as np
 
 from handlers import constants as C
@@ -40,7 +37,7 @@ from handlers.preprocess import preprocess
 from handlers.torchserve import read_manifest, read_model_config
 from serving import launcher
 from serving.client import XrayClient, XrayError
-from serving.evaluate import list_items, stratified
+from serving.load import endpoint_level, load_bodies, metric_sum, percentiles_ms, wrk_level
 from serving.settings import ServeSettings
 from training.sources import default_data_dir
 
@@ -50,22 +47,12 @@ THROUGHPUT_TARGET = 0.7
 LATENCY_FACTOR, LATENCY_SLACK_MS = 1.5, 5.0
 
 
-def ms(values: list[float], q: float) -> float:
-    return round(float(np.percentile(np.asarray(values) * 1000, q)), 2) if values else float("nan")
-
-
 def model_from_mar(mar: Path, into: Path) -> tuple[Path, int | None]:
     """The serialized model (extracted into `into`) and batchSize of a .mar."""
     name = read_manifest(mar)["model"]["serializedFile"]
     with zipfile.ZipFile(mar) as z:
         z.extract(name, into)
     return into / name, read_model_config(mar).get("batchSize")
-
-
-def load_bodies(data_dir: Path, n: int) -> list[bytes]:
-    """n test images of both classes, as the bytes a client would send."""
-    items = stratified(list_items(data_dir, "test"), n)
-    return [body.read_bytes() if isinstance(body, Path) else body for _, body, _ in items]
 
 
 def in_process(model: Path, bodies: list[bytes], batch_size: int, passes: int = 3) -> dict[str, Any]:
@@ -89,85 +76,9 @@ def in_process(model: Path, bodies: list[bytes], batch_size: int, passes: int = 
             run(bodies[i : i + batch_size])
     batched_s = time.perf_counter() - t0
     return {"model": str(model), "card": card.name, "batch_size": batch_size, "images": len(bodies) * passes,
-            "single_p50_ms": ms(single, 50), "single_p99_ms": ms(single, 99),
+            "single_p50_ms": percentiles_ms(single)["p50"], "single_p99_ms": percentiles_ms(single)["p99"],
             "single_rps": round(len(single) / sum(single), 2),
             "throughput_rps": round(len(bodies) * passes / batched_s, 2)}
-
-
-def metric_sum(metrics_url: str, name: str) -> float | None:
-    try:
-        text = httpx.get(f"{metrics_url.rstrip('/')}/metrics", timeout=10).text
-    except httpx.HTTPError:
-        return None
-    values = [float(m.group(1)) for m in re.finditer(rf"^{name}{{[^}}]*}} ([0-9.eE+-]+)$", text, re.M)]
-    return sum(values) if values else None
-
-
-async def endpoint_level(client: XrayClient, bodies: list[bytes], requests: int, seconds: float) -> dict[str, Any]:
-    latencies: list[float] = []
-    errors: list[str] = []
-    sent = 0
-    deadline = time.perf_counter() + seconds
-
-    async def worker() -> None:
-        nonlocal sent
-        while sent < requests and time.perf_counter() < deadline:
-            body = bodies[sent % len(bodies)]
-            sent += 1
-            t0 = time.perf_counter()
-            try:
-                await client.predict(body)
-                latencies.append(time.perf_counter() - t0)
-            except XrayError as exc:
-                errors.append(str(exc))
-
-    t0 = time.perf_counter()
-    await asyncio.gather(*(worker() for _ in range(client.concurrency)))
-    wall = time.perf_counter() - t0
-    return {"concurrency": client.concurrency, "requests": sent, "errors": len(errors), "wall_s": round(wall, 2),
-            "throughput_rps": round(len(latencies) / wall, 2), "p50_ms": ms(latencies, 50),
-            "p99_ms": ms(latencies, 99), "first_error": errors[0] if errors else None}
-
-
-# wrk cycles through the same image bodies; done() prints the exact percentiles as one JSON line.
-WRK_SCRIPT = """
-local files = {%(files)s}
-local bodies = {}
-for i, path in ipairs(files) do local f = io.open(path, "rb"); bodies[i] = f:read("*all"); f:close() end
-local headers = {["Content-Type"] = "application/octet-stream", ["Authorization"] = "Bearer %(token)s"}
-local n = 0
-request = function()
-  n = n %% #bodies + 1
-  return wrk.format("POST", nil, headers, bodies[n])
-end
-done = function(summary, latency, requests)
-  local e = summary.errors
-  io.write(string.format('WRK {"requests": %%d, "non_2xx": %%d, "socket_errors": %%d, "duration_us": %%d, '
-    .. '"p50_us": %%d, "p99_us": %%d}\\n', summary.requests, e.status, e.connect + e.read + e.write + e.timeout,
-    summary.duration, latency:percentile(50), latency:percentile(99)))
-end
-"""
-
-
-def wrk_level(url: str, token: str | None, bodies: list[bytes], concurrency: int, seconds: float) -> dict[str, Any]:
-    """One concurrency level driven by wrk (C, one thread): the Python client cannot load 2 cores' worth."""
-    with tempfile.TemporaryDirectory() as tmp:
-        files = []
-        for i, body in enumerate(bodies):
-            files.append(Path(tmp) / f"{i}.bin")
-            files[-1].write_bytes(body)
-        script = Path(tmp) / "post.lua"
-        script.write_text(WRK_SCRIPT % {"files": ", ".join(f'"{f}"' for f in files), "token": token or ""})
-        out = subprocess.run(["wrk", "-t", "1", "-c", str(concurrency), "-d", f"{seconds:g}s", "--timeout", "30s",
-                              "-s", str(script), url], capture_output=True, text=True, timeout=seconds + 60)
-    line = next((x for x in out.stdout.splitlines() if x.startswith("WRK ")), None)
-    if line is None:
-        raise RuntimeError(f"wrk failed: {out.stdout[-500:]} {out.stderr[-500:]}")
-    w = json.loads(line[4:])
-    ok = w["requests"] - w["non_2xx"]
-    return {"concurrency": concurrency, "requests": w["requests"], "errors": w["non_2xx"] + w["socket_errors"],
-            "throughput_rps": round(ok / (w["duration_us"] / 1e6), 2), "p50_ms": round(w["p50_us"] / 1000, 2),
-            "p99_ms": round(w["p99_us"] / 1000, 2), "first_error": None, "load": "wrk"}
 
 
 def endpoint(args: argparse.Namespace, bodies: list[bytes]) -> list[dict[str, Any]]:

@@ -31,10 +31,11 @@ from pathlib import Path
 import httpx
 from PIL import Image
 
+from handlers import constants as C
 from serving import launcher, supervisor
-from serving.bench import load_bodies, wrk_level
 from serving.client import XrayClient
-from serving.settings import REPO_ROOT, ServeSettings
+from serving.load import load_bodies, wrk_level
+from serving.settings import ServeSettings
 from training.sources import default_data_dir, list_image_folder
 
 
@@ -288,7 +289,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--url", default=None, help="default: the state dir's gateway")
     p.add_argument("--state-dir", type=Path, default=None)
     p.add_argument("--data-dir", type=Path, default=None)
-    p.add_argument("--out", type=Path, default=REPO_ROOT / "reports" / "chaos.md")
+    p.add_argument("--out", type=Path, default=C.REPORTS_DIR / "chaos.md")
     p.add_argument("--quick", action="store_true", help="fewer connections and requests")
     ns = p.parse_args(argv)
     s = ServeSettings(**({"state_dir": ns.state_dir} if ns.state_dir else {})).resolved()

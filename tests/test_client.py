@@ -140,7 +140,7 @@ def test_evaluate_cli_on_the_live_endpoint(server: ServeSettings, data_dir: Path
                                            tmp_path: Path) -> None:
     out = tmp_path / "eval"
     proc = evaluate_cli("--url", server.inference_url, "--data-dir", str(data_dir), "--split", "test",
-                        "--limit", str(EVAL_LIMIT), "--expect", str(export_dir / "predictions_cnn.json"),
+                        "--limit", str(EVAL_LIMIT), "--expect", str(export_dir / "predictions_xraynet.json"),
                         "--out-dir", str(out), key_file=server.key_file)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "roc auc" in proc.stdout and "served vs offline" in proc.stdout

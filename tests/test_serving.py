@@ -18,10 +18,10 @@ import pytest
 from PIL import Image
 
 from handlers import torchserve
-from handlers.constants import REPO_ROOT
+from handlers.constants import MODEL_NAME, REPO_ROOT
 from handlers.schemas import ErrorBody, Prediction
 from serving import launcher
-from serving.bench import metric_sum
+from serving.load import metric_sum
 from serving.settings import ServeSettings, read_keys
 from tests.helpers import free_ports, keys, serve_settings, workers
 
@@ -34,8 +34,8 @@ def predict(settings: ServeSettings, body: bytes, token: str | None = "auto", **
         token = keys(settings)["inference"]
     if token:
         headers["Authorization"] = f"Bearer {token}"
-    return httpx.post(f"{settings.inference_url}/predictions/xray", content=body if not kw.get("files") else None,
-                      headers=headers, timeout=60, **kw)
+    return httpx.post(f"{settings.inference_url}/predictions/{MODEL_NAME}",
+                      content=body if not kw.get("files") else None, headers=headers, timeout=60, **kw)
 
 
 def test_png_and_jpeg_answer_with_the_schema(server: ServeSettings, sample_jpeg: bytes) -> None:
@@ -113,9 +113,11 @@ def test_management_api_is_unreachable_from_any_port(server: ServeSettings) -> N
     assert stat.S_IMODE(server.run_dir.stat().st_mode) == 0o700
     assert stat.S_IMODE(server.state_dir.stat().st_mode) == 0o700
     assert len(workers(server)) == 2  # the launcher reaches it, through the socket, with TorchServe's key
-    status, _ = torchserve.management_request(server.socket("management"), launcher.management_token(server),
-                                              "POST", "/models?url=xray.mar")
+    mtoken = launcher.management_token(server)
+    status, _ = torchserve.management_request(server.socket("management"), mtoken, "POST", "/models?url=xray.mar")
     assert status == 405  # and the model API stays off even there
+    status, body = torchserve.management_request(server.socket("management"), mtoken, "GET", f"/models/{MODEL_NAME}")
+    assert status == 200 and json.loads(body)[0]["batchSize"] == 8
 
 
 def test_every_address_is_loopback_or_a_private_socket(server: ServeSettings) -> None:
@@ -133,7 +135,7 @@ def test_committed_config_is_the_rendered_default() -> None:
 
 
 def test_served_probabilities_equal_offline_onnx(server: ServeSettings, export_dir: Path, data_dir: Path) -> None:
-    offline = json.loads((export_dir / "predictions_cnn.json").read_text())["predictions"]
+    offline = json.loads((export_dir / "predictions_xraynet.json").read_text())["predictions"]
     assert len(offline) >= 100
 
     def served(item: dict) -> tuple[dict, httpx.Response]:
