@@ -83,16 +83,17 @@ def check_model(model: Path) -> Path:
     return model
 
 
-def content_type(body: bytes) -> str:
+def content_type_for(body: bytes) -> str:
     return CONTENT_TYPES.get(sniff(body), "application/octet-stream")
 
 
-def wire_request(body: bytes, headers: dict[str, str] | None = None) -> dict[str, Any]:
-    """One request as TorchServe's frontend sends it to a worker: a raw body is the parameter 'body'."""
-    ctype = content_type(body)
-    sent = {"Content-Type": ctype, **(headers or {})}
+def wire_request(body: bytes, content_type: str | None = None, headers: dict[str, str] | None = None) -> dict[str, Any]:
+    """One request as the gateway and TorchServe's frontend hand it to a worker: the body as raw
+    bytes (parameter 'body'), the client's Content-Type in C.CONTENT_TYPE_HEADER beside it."""
+    sent = {"Content-Type": "application/octet-stream",
+            C.CONTENT_TYPE_HEADER: content_type or content_type_for(body), **(headers or {})}
     return {"requestId": uuid.uuid4().hex.encode(),
-            "parameters": [{"name": "body", "contentType": ctype, "value": body}],
+            "parameters": [{"name": "body", "contentType": "application/octet-stream", "value": body}],
             "headers": [{"name": k.encode(), "value": v.encode()} for k, v in sent.items()]}
 
 
@@ -148,19 +149,23 @@ class InProcessWorker:
         # The frontend answers with what the handler returned, JSON-encoded, and the status it set.
         return [(headers[i].get_response_status_code(), json.loads(json.dumps(body))) for i, body in enumerate(out)]
 
-    def predict_many(self, items: Iterable[tuple[str, bytes | Path]],
+    def predict_many(self, items: Iterable[tuple[str, bytes | Path] | tuple[str, bytes | Path, str]],
                      headers: dict[str, str] | None = None) -> list[WorkerAnswer]:
-        """Every (name, bytes or path) item, in batches of batch_size; answers in input order."""
+        """Every (name, bytes or path[, content type]) item, in batches of batch_size; answers in
+        input order. Without a content type, the one the body's signature names."""
         items = list(items)
         answers: list[WorkerAnswer] = []
         for start in range(0, len(items), self.batch_size):
             chunk = items[start:start + self.batch_size]
-            bodies = [b.read_bytes() if isinstance(b, Path) else b for _, b in chunk]
+            requests = []
+            for item in chunk:
+                body = item[1].read_bytes() if isinstance(item[1], Path) else item[1]
+                requests.append(wire_request(body, item[2] if len(item) > 2 else None, headers))
             t0 = time.perf_counter()
-            results = self.handle([wire_request(body, headers) for body in bodies])
+            results = self.handle(requests)
             elapsed = time.perf_counter() - t0
-            answers += [WorkerAnswer(name, status, body, elapsed)
-                        for (name, _), (status, body) in zip(chunk, results, strict=True)]
+            answers += [WorkerAnswer(item[0], status, body, elapsed)
+                        for item, (status, body) in zip(chunk, results, strict=True)]
         return answers
 
     def predict(self, body: bytes, headers: dict[str, str] | None = None) -> WorkerAnswer:

@@ -192,7 +192,7 @@ def test_offline_answers_equal_the_served_ones(server: ServeSettings, model_stor
                             headers={"Authorization": f"Bearer {token}", "Content-Type": ctype})
                   for _, body, ctype in items]
     with InProcessWorker.open(model_store / "xray.mar") as worker:
-        answers = worker.predict_many([(name, body) for name, body, _ in items])
+        answers = worker.predict_many(items)  # each with the Content-Type the live request had
     assert sum(r.status_code == 200 for r in served) >= 30
     for (name, _, _), live, off in zip(items, served, answers, strict=True):
         assert off.status == live.status_code, name
