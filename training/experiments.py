@@ -116,7 +116,7 @@ STUDIES: dict[str, Study] = {
                 "added blocks behind a 64-wide first layer."),
     "cnn_vs_mlp": Study(
         "The course CNN vs the ANN: parameters, training and inference time, accuracy.", ["arch"],
-        [("cnn_vs_mlp-ann", ann(), ""), ("cnn_vs_mlp-cnn", CNN, "")],
+        [("cnn_vs_mlp-ann", ann(), ""), ("cnn_vs_mlp-cnn", CNN, "")], once=("cnn_vs_mlp-cnn",),
         course="At 256 px and 50 epochs: ANN 2,099,329 parameters, CNN 1,049,505; training 16.4 s vs 109.3 s, "
                "validation 2.8 s vs 10.6 s.",
         setting="64 px and 10 epochs, not 256 px and 50: the CNN costs ~10 min an epoch at 256 px on this "
@@ -131,7 +131,7 @@ STUDIES: dict[str, Study] = {
     "gap_pool": Study(
         "GAP-CNN (AdaptiveAvgPool2d(1) after the convolutions): 2x2 or 4x4 max-pooling?", ["pool"],
         [(f"gap_pool-{p}", CNN | {"arch": "gap_cnn", "input_size": GAP_SIZE, "arch_args": {"pool": p}}, "")
-         for p in (2, 4)],
+         for p in (2, 4)], once=("gap_pool-2", "gap_pool-4"),
         course="4x4 pooling so that the map before GAP is 4x4: train accuracy 83.9% -> 91.9%, validation "
                "85.8% -> 92.3%.",
         setting=f"{GAP_SIZE} px: the map before GAP is 16x16 (pool 2) vs 2x2 (pool 4), not 1x1 as at 64 px. "
