@@ -235,7 +235,9 @@ def run_study(study: str, args: argparse.Namespace) -> list[dict[str, Any]]:
         data = shared_data(cfg)
         if done:
             result = json.loads(done.read_text()) | {"name": name}
-            note = ", ".join(filter(None, [note, f"reused {done.parent.relative_to(args.runs_dir)}"]))
+            # where its numbers come from, by setting: the same config trained once for several studies
+            source = done.parent.relative_to(args.runs_dir)
+            note = ", ".join(filter(None, [note, f"same run as {source.parent}/{setting_of(source.name)}"]))
         else:
             result = train(cfg, data)
         run_dir = Path(result["checkpoint"]).parent
@@ -328,7 +330,7 @@ def knob(cfg: dict[str, Any], k: str) -> Any:
 
 def fmt(v: Any) -> str:
     if isinstance(v, float):
-        return f"{v:.4f}" if abs(v) >= 1e-3 or v == 0 else f"{v:g}"
+        return f"{v:g}"
     if isinstance(v, dict | list):
         return json.dumps(v).replace("|", "\\|")
     return str(v)
@@ -411,7 +413,9 @@ def write_report(new: dict[str, dict[str, Any]], reports_dir: Path) -> Path:
     for study, entry in new.items():
         (reports_dir / "studies" / f"{study}.json").write_text(json.dumps(entry, indent=1))
         panels = {setting: [r["history"] for r in runs] for setting, runs in by_setting(entry["results"]).items()}
-        plot_study_curves(panels, reports_dir / "plots" / f"{study}_curves.png",
+        val = entry["results"][0]["val"]
+        majority = max(val["tp"] + val["fn"], val["tn"] + val["fp"]) / val["n"] if "tp" in val else None
+        plot_study_curves(panels, reports_dir / "plots" / f"{study}_curves.png", majority=majority,
                           title=f"{study}: train vs val per epoch ({len(entry['results'])} runs)")
     studies = load_studies(reports_dir)
     (reports_dir / "experiments.json").write_text(json.dumps({"studies": studies}, indent=1))

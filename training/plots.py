@@ -68,10 +68,13 @@ def plot_bars(labels: list[str], series: dict[str, list[float]], path: Path, tit
     return _save(fig, path)
 
 
-def plot_study_curves(panels: dict[str, list[list[dict]]], path: Path, title: str = "") -> Path:
+def plot_study_curves(panels: dict[str, list[list[dict]]], path: Path, title: str = "",
+                      majority: float | None = None) -> Path:
     """One column per setting (e.g. BCE | CE side by side), rows loss and accuracy; train vs val per epoch.
 
     Each seed is a thin line, the mean over seeds a thick one, so the spread between repeats shows.
+    `majority`: the validation accuracy of answering the majority class for every image, drawn as a
+    dotted line: an imbalanced set's plateau that accuracy alone does not reveal.
     """
     n = max(1, len(panels))
     fig, axes = plt.subplots(2, n, figsize=(2.9 * n + 1, 5.6), squeeze=False, sharey="row")
@@ -88,6 +91,8 @@ def plot_study_curves(panels: dict[str, list[list[dict]]], path: Path, title: st
                 mean = np.mean([c[:shortest] for c in curves], axis=0)
                 ax.plot(np.arange(1, shortest + 1), mean, color=color, lw=1.8,
                         label=f"{split} (mean of {len(curves)})")
+            if row == 1 and majority is not None:
+                ax.axhline(majority, color="grey", ls=":", lw=1, label="val, all one class")
             ax.grid(alpha=0.3)
             if row == 0:
                 ax.set_title(label, fontsize=9)
@@ -96,6 +101,8 @@ def plot_study_curves(panels: dict[str, list[list[dict]]], path: Path, title: st
             if col == 0:
                 ax.set_ylabel(metric)
     axes[0][0].legend(fontsize=7)
+    if majority is not None:
+        axes[1][0].legend(fontsize=7)
     fig.suptitle(title)
     return _save(fig, path)
 
