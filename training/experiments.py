@@ -322,6 +322,16 @@ def val_loss_slope(history: list[dict[str, Any]], first: int = 31, last: int = 5
     return float(np.polyfit([h["epoch"] for h in rows], [h["val_loss"] for h in rows], 1)[0])
 
 
+def one_class_epochs(run: dict[str, Any]) -> int:
+    """Epochs whose validation accuracy equals answering one class for every image: the plateau of an
+    imbalanced set, where a net has not yet learnt anything accuracy can show."""
+    val = run["val"]
+    if "tp" not in val:
+        return 0
+    rates = {(val["tp"] + val["fn"]) / val["n"], (val["tn"] + val["fp"]) / val["n"]}
+    return sum(any(abs(h["val_accuracy"] - q) < 1e-9 for q in rates) for h in run["history"])
+
+
 def knob(cfg: dict[str, Any], k: str) -> Any:
     if k in cfg:
         return cfg[k]
@@ -347,7 +357,7 @@ def study_table(study: str, rows: list[dict[str, Any]]) -> list[str]:
     vary = STUDIES[study].vary
     extra = ["val-loss slope, ep 31-50"] if study == "l2" else []
     cols = ["setting", *vary, "model", "params", "seeds", "s / epoch", "test inference s", "train acc",
-            "final val acc", "final test acc", "final val loss", "min val loss at epoch", *extra,
+            "final val acc", "final test acc", "final val loss", "min val loss at epoch", "one-class epochs", *extra,
             "test bal acc (best)", "test AUC (best)", "note"]
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for setting, runs in by_setting(rows).items():
@@ -359,7 +369,8 @@ def study_table(study: str, rows: list[dict[str, Any]]) -> list[str]:
                  mean_sd([r["infer_seconds_test"] for r in runs], 2) if "infer_seconds_test" in runs[0] else "",
                  mean_sd([r["train_accuracy"] for r in runs]), mean_sd([r["final_val_accuracy"] for r in runs]),
                  mean_sd([r["final_test_accuracy"] for r in runs]),
-                 mean_sd([r["history"][-1]["val_loss"] for r in runs]), mean_sd(best_epoch, 1)]
+                 mean_sd([r["history"][-1]["val_loss"] for r in runs]), mean_sd(best_epoch, 1),
+                 mean_sd([one_class_epochs(r) for r in runs], 1)]
         if extra:
             cells.append(mean_sd([val_loss_slope(r["history"]) for r in runs], 5))
         cells += [mean_sd([r["test"]["balanced_accuracy"] for r in runs]),
