@@ -130,12 +130,13 @@ STUDIES: dict[str, Study] = {
         setting="On the course ANN (50 CNN epochs x 2 x 3 seeds do not fit here). Both arms use the same StepLR."),
     "gap_pool": Study(
         "GAP-CNN (AdaptiveAvgPool2d(1) after the convolutions): 2x2 or 4x4 max-pooling?", ["pool"],
-        [(f"gap_pool-{p}", CNN | {"arch": "gap_cnn", "input_size": GAP_SIZE, "arch_args": {"pool": p}}, "")
-         for p in (2, 4)], once=("gap_pool-2", "gap_pool-4"),
+        [(f"gap_pool-{p}", CNN | {"arch": "gap_cnn", "input_size": GAP_SIZE, "epochs": 5, "arch_args": {"pool": p}},
+          "") for p in (2, 4)], once=("gap_pool-2", "gap_pool-4"),
         course="4x4 pooling so that the map before GAP is 4x4: train accuracy 83.9% -> 91.9%, validation "
                "85.8% -> 92.3%.",
-        setting=f"{GAP_SIZE} px: the map before GAP is 16x16 (pool 2) vs 2x2 (pool 4), not 1x1 as at 64 px. "
-                "The course's 4x4 needs 256 px, where one epoch takes ~10 min here."),
+        setting=f"{GAP_SIZE} px, 5 epochs, one seed: the map before GAP is 16x16 (pool 2) vs 2x2 (pool 4), not "
+                "1x1 as at 64 px. The course's 4x4 needs 256 px, where one epoch measured ~10 min here; the pool-2 "
+                f"arm at {GAP_SIZE} px took ~10 min an epoch under this session's load."),
 }
 COURSE_STUDIES = [s for s in STUDIES if s != "default"]
 FAMILIES = ("mlp_bce", "mlp_ce", "cnn")
@@ -375,9 +376,15 @@ def study_table(study: str, rows: list[dict[str, Any]]) -> list[str]:
             cells.append(mean_sd([val_loss_slope(r["history"]) for r in runs], 5))
         cells += [mean_sd([r["test"]["balanced_accuracy"] for r in runs]),
                   mean_sd([r["test"]["roc_auc"] for r in runs]),
-                  "; ".join(sorted({r.get("note", "") for r in runs} - {""}))]
+                  "; ".join(sorted({tidy_note(r.get("note", ""), study) for r in runs} - {""}))]
         lines.append("| " + " | ".join(cells) + " |")
     return lines
+
+
+def tidy_note(note: str, study: str) -> str:
+    """One note per setting: 'same run as STUDY/SETTING' (seeds dropped), none for a rerun of the study itself."""
+    parts = [re.sub(r"^reused (\S+?)/(\S+?)(-s\d+)?$", r"same run as \1/\2", p.strip()) for p in note.split(",")]
+    return ", ".join(p for p in parts if p and not p.startswith(f"same run as {study}/"))
 
 
 WRITTEN = re.compile(r"<!-- written: (?P<key>[\w-]+) -->\n(?P<text>.*?)<!-- /written -->", re.S)
