@@ -61,9 +61,10 @@ def test_statistics() -> None:
 def fake_run(setting: str, seed: int, head: str, acc: float) -> dict[str, Any]:
     history = [{"epoch": e, "train_loss": 0.5 / e, "val_loss": 0.6 / e, "train_accuracy": acc,
                 "val_accuracy": acc} for e in (1, 2, 3)]
-    return {"name": f"{setting}-s{seed}", "setting": setting, "params": 10, "seconds_per_epoch": 1.0,
-            "infer_seconds_test": 0.1, "train_accuracy": acc, "final_val_accuracy": acc, "final_test_accuracy": acc,
+    return {"name": f"{setting}-s{seed}", "setting": setting, "params": 10, "train_cpu_seconds_per_epoch": 1.0,
+            "infer_cpu_seconds_test": 0.1, "train_accuracy": acc, "final_val_accuracy": acc, "final_test_accuracy": acc,
             "history": history, "test": {"balanced_accuracy": acc, "roc_auc": acc}, "note": "",
+            "val": {"n": 10, "tp": 7, "fn": 0, "tn": 0, "fp": 3},
             "config": {"arch": "mlp", "head": head, "input_size": 64, "seed": seed, "arch_args": {}}}
 
 

@@ -36,9 +36,10 @@ from typing import Any
 import numpy as np
 import torch
 
+from training.models import build_model
 from training.plots import plot_study_curves
 from training.sources import REPO_ROOT, default_data_dir
-from training.train import TrainConfig, load_data, predict, train
+from training.train import TrainConfig, load_data, loss_target, make_criterion, make_optimizer, predict, train
 
 # The course's profile: Adam, constant LR 1e-3, batch 32, no weight decay, no class weights, no
 # augmentation; the last epoch's weights are the result (no early stopping).
@@ -211,18 +212,34 @@ def finished_runs(runs_dir: Path) -> dict[str, Path]:
     return found
 
 
-def inference_seconds(checkpoint: str, cfg: TrainConfig, data: dict[str, Any]) -> float:
-    """Wall time to predict the whole test split with the run's best weights (one thread, batches of 256)."""
+def cpu_timings(checkpoint: str, cfg: TrainConfig, data: dict[str, Any], steps: int = 8) -> dict[str, float]:
+    """CPU seconds (process time, one thread) to predict the test split, and a training epoch's CPU cost
+    estimated from STEPS optimiser steps at the run's batch size. Process time, unlike wall time, does not
+    grow with the other jobs on a shared machine."""
     state = torch.load(checkpoint, map_location="cpu", weights_only=True)
-    from training.models import build_model
-
     card = state["card"]
     model = build_model(card["arch"], card["head"], card["input_size"], card["arch_args"])
     model.load_state_dict(state["state_dict"])
     predict(model, data["test"].x[:8], cfg.head)  # warm-up: first-call allocations are not inference
-    t0 = time.perf_counter()
+    t0 = time.process_time()
     predict(model, data["test"].x, cfg.head)
-    return time.perf_counter() - t0
+    infer = time.process_time() - t0
+    train_split = data["train"]
+    model.train()
+    criterion = make_criterion(cfg, train_split.y)
+    opt = make_optimizer(cfg, model)
+    g = torch.Generator().manual_seed(0)
+    batches = [torch.randint(len(train_split), (max(2, cfg.batch_size),), generator=g) for _ in range(steps + 1)]
+    for i, idx in enumerate(batches):
+        if i == 1:  # the first step allocates optimiser state: not steady-state cost
+            t0 = time.process_time()
+        loss = criterion(model(train_split.x[idx]), loss_target(cfg, train_split.y[idx]))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    per_step = (time.process_time() - t0) / steps
+    return {"infer_cpu_seconds_test": infer,
+            "train_cpu_seconds_per_epoch": per_step * -(-len(train_split) // cfg.batch_size)}
 
 
 def run_study(study: str, args: argparse.Namespace) -> list[dict[str, Any]]:
@@ -248,7 +265,7 @@ def run_study(study: str, args: argparse.Namespace) -> list[dict[str, Any]]:
                    "seconds_per_epoch": result["train_seconds"] / max(1, result["epochs_run"]),
                    "curves": str(run_dir / "curves.png")}
         if study != "default":  # make train stays as it was: no extra pass
-            result["infer_seconds_test"] = inference_seconds(result["checkpoint"], cfg, data)
+            result |= cpu_timings(result["checkpoint"], cfg, data)
         v, t = result["val"], result["test"]
         print(f"[{study}] {name}: {result['train_seconds']:.1f}s, {result['epochs_run']} ep, final test acc "
               f"{result['final_test_accuracy']:.4f}, val auc {v['roc_auc']:.4f}, test bal {t['balanced_accuracy']:.4f}"
@@ -357,7 +374,7 @@ def by_setting(rows: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
 def study_table(study: str, rows: list[dict[str, Any]]) -> list[str]:
     vary = STUDIES[study].vary
     extra = ["val-loss slope, ep 31-50"] if study == "l2" else []
-    cols = ["setting", *vary, "model", "params", "seeds", "s / epoch", "test inference s", "train acc",
+    cols = ["setting", *vary, "model", "params", "seeds", "train CPU s / epoch", "test inference CPU s", "train acc",
             "final val acc", "final test acc", "final val loss", "min val loss at epoch", "one-class epochs", *extra,
             "test bal acc (best)", "test AUC (best)", "note"]
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
@@ -366,8 +383,8 @@ def study_table(study: str, rows: list[dict[str, Any]]) -> list[str]:
         best_epoch = [min(r["history"], key=lambda h: h["val_loss"])["epoch"] for r in runs]
         cells = [setting, *(fmt(knob(c, k)) for k in vary), f"{c['arch']}/{c['head']}@{c['input_size']}px",
                  f"{runs[0]['params']:,}", ",".join(str(r["config"]["seed"]) for r in runs),
-                 mean_sd([r["seconds_per_epoch"] for r in runs], 2),
-                 mean_sd([r["infer_seconds_test"] for r in runs], 2) if "infer_seconds_test" in runs[0] else "",
+                 *(mean_sd([r[k] for r in runs], 2) if k in runs[0] else ""
+                   for k in ("train_cpu_seconds_per_epoch", "infer_cpu_seconds_test")),
                  mean_sd([r["train_accuracy"] for r in runs]), mean_sd([r["final_val_accuracy"] for r in runs]),
                  mean_sd([r["final_test_accuracy"] for r in runs]),
                  mean_sd([r["history"][-1]["val_loss"] for r in runs]), mean_sd(best_epoch, 1),
@@ -431,7 +448,7 @@ def write_report(new: dict[str, dict[str, Any]], reports_dir: Path) -> Path:
     for study, entry in new.items():
         (reports_dir / "studies" / f"{study}.json").write_text(json.dumps(entry, indent=1))
         panels = {setting: [r["history"] for r in runs] for setting, runs in by_setting(entry["results"]).items()}
-        val = entry["results"][0]["val"]
+        val = entry["results"][0].get("val", {})
         majority = max(val["tp"] + val["fn"], val["tn"] + val["fp"]) / val["n"] if "tp" in val else None
         plot_study_curves(panels, reports_dir / "plots" / f"{study}_curves.png", majority=majority,
                           title=f"{study}: train vs val per epoch ({len(entry['results'])} runs)")
