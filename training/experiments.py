@@ -1,6 +1,6 @@
 """The course's studies at the course's own settings, and the default set (`make train`).
 
-    python -m training.experiments --study default            # best mlp_bce, mlp_ce, cnn -> artifacts/best/
+    python -m training.experiments --study default            # best mlp_bce, mlp_ce, xraynet -> artifacts/best/
     python -m training.experiments --study all [--quick]      # every course study, 3 seeds -> reports/
     python -m training.experiments --study lr --seeds 0       # one study, one seed
     python -m training.experiments --publish docs             # reports/ -> docs/experiments.md + plots
@@ -36,9 +36,10 @@ from typing import Any
 import numpy as np
 import torch
 
+from handlers import constants as C
 from training.models import build_model
 from training.plots import plot_study_curves
-from training.sources import REPO_ROOT, default_data_dir
+from training.sources import default_data_dir
 from training.train import TrainConfig, load_data, loss_target, make_criterion, make_optimizer, predict, train
 
 # The course's profile: Adam, constant LR 1e-3, batch 32, no weight decay, no class weights, no
@@ -81,7 +82,7 @@ STUDIES: dict[str, Study] = {
         ["arch_args", "epochs", "optimizer", "scheduler", "augment"],
         [(f"mlp_{h}-d{d}", TUNED_MLP | {"head": h, "arch_args": {"hidden": [512, 128], "dropout": d}}, "")
          for h in ("bce", "ce") for d in (0.5, 0.7)]
-        + [("cnn-xraynet", XRAYNET, "")],
+        + [("xraynet", XRAYNET, "")],
         seeds=1),
     "loss": Study(
         "BCE (1 logit + sigmoid) or CE (2 logits + softmax) for the ANN, at dropout 0.7 and 10 epochs?",
@@ -140,7 +141,7 @@ STUDIES: dict[str, Study] = {
                 f"arm at {GAP_SIZE} px took ~10 min an epoch under this session's load."),
 }
 COURSE_STUDIES = [s for s in STUDIES if s != "default"]
-FAMILIES = ("mlp_bce", "mlp_ce", "cnn")
+FAMILIES = ("mlp_bce", "mlp_ce", "xraynet")  # a family is a run name's part before "-"
 QUICK = dict(limit_train=300, limit_eval=200)
 
 
@@ -160,7 +161,7 @@ def plan(study: str, quick: bool, only: list[str] | None, seeds: list[int] | Non
     runs = s.runs
     if quick:  # the grid's ends; the default set keeps one run per family
         if study == "default":
-            runs = [r for r in runs if r[0].endswith(("-d0.5", "-xraynet"))]
+            runs = [r for r in runs if r[0].endswith("-d0.5") or r[0] == "xraynet"]
         else:
             runs = runs[:: max(1, len(runs) - 1)][:2]
         runs = [(name, quick_variant(cfg), "quick") for name, cfg, _ in runs]
@@ -259,7 +260,8 @@ def run_study(study: str, args: argparse.Namespace) -> list[dict[str, Any]]:
         else:
             result = train(cfg, data)
         run_dir = Path(result["checkpoint"]).parent
-        history = json.loads((run_dir / "history.json").read_text())
+        # train() returns its history; a reused run's is on disk
+        history = result.pop("history", None) or json.loads((run_dir / "history.json").read_text())
         result |= {"study": study, "setting": setting_of(name), "note": note,
                    "train_accuracy": history[-1]["train_accuracy"], "history": history,
                    "seconds_per_epoch": result["train_seconds"] / max(1, result["epochs_run"]),
@@ -478,9 +480,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--only", nargs="+", help="run only these settings or run names")
     p.add_argument("--seeds", type=int, nargs="+", help="seeds per setting (default: 0 1 2; the default set 0)")
     p.add_argument("--data-dir", type=Path, default=default_data_dir())
-    p.add_argument("--runs-dir", type=Path, default=REPO_ROOT / "artifacts" / "runs")
-    p.add_argument("--best-dir", type=Path, default=REPO_ROOT / "artifacts" / "best")
-    p.add_argument("--reports-dir", type=Path, default=REPO_ROOT / "reports")
+    p.add_argument("--runs-dir", type=Path, default=C.RUNS_DIR)
+    p.add_argument("--best-dir", type=Path, default=C.BEST_DIR)
+    p.add_argument("--reports-dir", type=Path, default=C.REPORTS_DIR)
     p.add_argument("--reuse", action="store_true", help="reuse a finished run whose config is identical")
     p.add_argument("--publish", type=Path, metavar="DOCS_DIR", help="only copy the report to DOCS_DIR")
     args = p.parse_args(argv)
