@@ -376,7 +376,7 @@ def by_setting(rows: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
 def study_table(study: str, rows: list[dict[str, Any]]) -> list[str]:
     vary = STUDIES[study].vary
     extra = ["val-loss slope, ep 31-50"] if study == "l2" else []
-    cols = ["setting", *vary, "model", "params", "seeds", "train CPU s / epoch", "test inference CPU s", "train acc",
+    cols = ["setting", *vary, "model", "params", "seeds", "train CPU s / epoch", "test inference CPU ms", "train acc",
             "final val acc", "final test acc", "final val loss", "min val loss at epoch", "one-class epochs", *extra,
             "test bal acc (best)", "test AUC (best)", "note"]
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
@@ -385,8 +385,9 @@ def study_table(study: str, rows: list[dict[str, Any]]) -> list[str]:
         best_epoch = [min(r["history"], key=lambda h: h["val_loss"])["epoch"] for r in runs]
         cells = [setting, *(fmt(knob(c, k)) for k in vary), f"{c['arch']}/{c['head']}@{c['input_size']}px",
                  f"{runs[0]['params']:,}", ",".join(str(r["config"]["seed"]) for r in runs),
-                 *(mean_sd([r[k] for r in runs], 2) if k in runs[0] else ""
-                   for k in ("train_cpu_seconds_per_epoch", "infer_cpu_seconds_test")),
+                 *(mean_sd([scale * r[k] for r in runs], digits) if k in runs[0] else ""
+                   for k, scale, digits in (("train_cpu_seconds_per_epoch", 1, 2),
+                                            ("infer_cpu_seconds_test", 1000, 1))),
                  mean_sd([r["train_accuracy"] for r in runs]), mean_sd([r["final_val_accuracy"] for r in runs]),
                  mean_sd([r["final_test_accuracy"] for r in runs]),
                  mean_sd([r["history"][-1]["val_loss"] for r in runs]), mean_sd(best_epoch, 1),
