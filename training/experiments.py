@@ -418,8 +418,7 @@ def study_section(study: str, entry: dict[str, Any], written: dict[str, str]) ->
         lines += [f"*The course:* {s.course}", ""]
     if s.setting:
         lines += [f"*Our setting:* {s.setting}", ""]
-    lines += [f"*Reproduce:* `{entry.get('command', '')}` ({entry['seconds']:.0f} s wall, finished "
-              f"{entry['created']})", ""]
+    lines += [f"*Reproduce:* `{entry.get('command', '')}` (report written {entry['created']})", ""]
     lines += study_table(study, entry["results"])
     lines += ["", f"![{study}: per-epoch loss and accuracy, train vs val, every seed](plots/{study}_curves.png)", ""]
     text = written.get(study, "*Conclusion:* not written yet.\n")
@@ -434,8 +433,7 @@ def render(studies: dict[str, dict[str, Any]], written: dict[str, str] | None = 
     for study, entry in studies.items():
         quick = " (quick)" if entry["quick"] else ""
         n = len(by_setting(entry["results"]))
-        head.append(f"- [{study}](#{study}){quick}: {n} settings, {len(entry['results'])} runs, "
-                    f"{entry['seconds']:.0f} s wall")
+        head.append(f"- [{study}](#{study}){quick}: {n} settings, {len(entry['results'])} runs")
     sections = [study_section(s, e, written) for s, e in studies.items()]
     return "\n".join(head) + "\n\n" + "\n".join(sections)
 
