@@ -129,6 +129,8 @@ def wait_ready(s: ServeSettings, timeout: float = 240) -> Prediction:
         if not s.key_file.is_file():
             continue
         keys = read_keys(s.key_file)
+        if time.time() - s.key_file.stat().st_mtime > s.token_expiration_min * 60 - 2:
+            keys = renew_keys(s, keys)  # a start-up slower than the keys' lifetime (short-lived keys, busy host)
         try:
             workers = list_workers(s.management_url, keys["management"], timeout=5)
         except OSError:
@@ -141,6 +143,18 @@ def wait_ready(s: ServeSettings, timeout: float = 240) -> Prediction:
                 return Prediction.model_validate(r.json())
             status = f"probe prediction answered {r.status_code}: {r.text[:200]}"
     raise LaunchError(f"model not ready after {timeout:.0f}s (workers: {status}). Log tail:\n{log_tail(s)}")
+
+
+def renew_keys(s: ServeSettings, keys: dict[str, str]) -> dict[str, str]:
+    """New management and inference keys from TorchServe (asked with the API key, which does not
+    expire); TorchServe rewrites the key file, which is read back."""
+    for kind in ("management", "inference"):
+        try:
+            httpx.get(f"{s.management_url}/token", params={"type": kind}, timeout=10,
+                      headers={"Authorization": f"Bearer {keys['API']}"})
+        except httpx.HTTPError:
+            return keys
+    return read_keys(s.key_file)
 
 
 def stop(s: ServeSettings, timeout: float = 30) -> bool:
