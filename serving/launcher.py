@@ -111,7 +111,11 @@ def start(s: ServeSettings, timeout: float = 240) -> None:
                               cwd=_dirs(s)["cwd"], env=_env(s), stdout=out, stderr=subprocess.STDOUT, timeout=60)
     if proc.returncode != 0:
         raise LaunchError(f"torchserve --start exited {proc.returncode}; see {s.log_dir / 'torchserve.out'}")
-    wait_ready(s, timeout)
+    try:
+        wait_ready(s, timeout)
+    except LaunchError:
+        stop(s)  # a server that never got ready must not outlive the failed start
+        raise
 
 
 def wait_ready(s: ServeSettings, timeout: float = 240) -> Prediction:
