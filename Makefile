@@ -59,10 +59,10 @@ stop: setup ## stop TorchServe
 evaluate: setup ## every image of SPLIT through the live endpoint -> reports/evaluate/
 	$(PY) -m serving.evaluate --url $(URL) --split $(SPLIT) $(if $(EXPECT),--expect $(EXPECT),)
 
-bench: setup ## in-process limit vs live endpoint at concurrency 1/8/32/64 -> reports/bench.md
+bench: setup ## honest limit vs the live endpoint: closed + open loop, server CPU by role -> reports/bench.md (QUICK=1; START=1 starts/stops the server)
 	@command -v wrk >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk; } \
 	  || echo "wrk unavailable: the async httpx client loads the endpoint (it needs a core of its own)"
-	$(PY) -m serving.bench
+	$(PY) -m serving.bench $(if $(QUICK),--quick,) $(if $(START),--start,)
 
 soak: setup ## hold concurrency 64 against the live endpoint for MINUTES (default 10) -> reports/soak.json
 	$(PY) -m serving.soak --url $(URL) --minutes $(or $(MINUTES),10) --concurrency 64
