@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
@@ -95,3 +96,46 @@ def pids_cpu_s(pids: Iterable[int]) -> float:
             t = psutil.Process(pid).cpu_times()
             total += t.user + t.system
     return total
+
+
+ThreadSnapshot = dict[int, tuple[str, float]]  # tid -> (thread group, CPU seconds)
+
+
+def thread_group(comm: str) -> str:
+    """A thread's name (/proc comm, 15 characters at most) with its numbers folded, so the
+    threads of one pool add up: 'epollEventLoopG' (netty), 'W-N-xray_N.' (TorchServe's
+    per-worker threads), 'GC Thread#N', 'CN CompilerThre' (the JIT)."""
+    return re.sub(r"\d+", "N", comm.strip())
+
+
+def thread_snapshot(pids: Iterable[int]) -> ThreadSnapshot:
+    """CPU seconds of every thread of these processes, by thread group (from /proc/PID/task)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    out: ThreadSnapshot = {}
+    for pid in pids:
+        for task in Path(f"/proc/{pid}/task").glob("*"):
+            with contextlib.suppress(OSError, ValueError, IndexError):
+                comm = (task / "comm").read_text()
+                fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
+                # utime and stime are fields 14 and 15 of stat; 3.. after the ')' of the name
+                out[int(task.name)] = (thread_group(comm), (int(fields[11]) + int(fields[12])) / tick)
+    return out
+
+
+def pids_of(snap: Snapshot, role: str) -> list[int]:
+    return [pid for pid, (r, _) in snap.items() if r == role]
+
+
+def top_threads(before: ThreadSnapshot, after: ThreadSnapshot, requests: int, n: int = 8) -> dict[str, float]:
+    """CPU ms per request of the busiest thread groups between two snapshots (the rest as 'rest')."""
+    spent: dict[str, float] = {}
+    for tid, (group, cpu) in after.items():
+        spent[group] = spent.get(group, 0.0) + max(cpu - before.get(tid, (group, 0.0))[1], 0.0)
+    if not requests:
+        return {}
+    ranked = sorted(spent.items(), key=lambda kv: -kv[1])
+    out = {g: round(v * 1000 / requests, 3) for g, v in ranked[:n]}
+    rest = sum(v for _, v in ranked[n:])
+    if rest:
+        out["rest"] = round(rest * 1000 / requests, 3)
+    return out
