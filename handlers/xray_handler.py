@@ -8,6 +8,7 @@ inside the model file, so nothing here is model-specific.
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from http import HTTPStatus
@@ -49,7 +50,7 @@ class XrayHandler(BaseHandler):
         self.context = context
         self.initialized = True
 
-    def handle(self, data: list[dict], context: Any) -> list[dict]:
+    def handle(self, data: list[dict], context: Any) -> list[bytes]:
         # BaseHandler decides "explain or predict" from request 0 alone; a batch can mix both.
         self.context = context
         batch = self.inference(self.preprocess(data))
@@ -57,12 +58,13 @@ class XrayHandler(BaseHandler):
         wanted = [k for k, i in enumerate(batch.index) if context.get_request_header(i, "explain") == "True"]
         if wanted:
             self.explain_batch(batch, wanted, data, out)
-        return out
+        # Bytes go out as they are; a dict would be pretty-printed by TorchServe (json.dumps indent=2).
+        return [json.dumps(body, separators=(",", ":")).encode() for body in out]
 
     def preprocess(self, requests: list[dict]) -> Batch:
         t0 = time.perf_counter()
         batch = split_requests(requests, self.card)
-        self._metric("XrayPreprocessMs", (time.perf_counter() - t0) * 1000, "ms", MetricTypes.GAUGE)
+        self._metric("XrayPreprocessSeconds", time.perf_counter() - t0, "s", MetricTypes.HISTOGRAM)
         return batch
 
     def inference(self, batch: Batch, *args: Any, **kwargs: Any) -> Batch:
@@ -70,12 +72,12 @@ class XrayHandler(BaseHandler):
             t0 = time.perf_counter()
             logits = self.runner(np.stack(batch.inputs))
             batch.probability = pneumonia_probability(logits, self.card.head)
-            self._metric("XrayInferenceMs", (time.perf_counter() - t0) * 1000, "ms", MetricTypes.GAUGE)
-        self._metric("XrayBatchSize", batch.size, "count", MetricTypes.GAUGE)
-        self._metric("XrayBatches", 1, "count", MetricTypes.COUNTER)
-        self._metric("XrayRequests", batch.size, "count", MetricTypes.COUNTER)
-        self._metric("XrayBadRequests", len(batch.errors), "count", MetricTypes.COUNTER)
-        log.info("batch of %d: %d predicted, %d refused", batch.size, len(batch.inputs), len(batch.errors))
+            self._metric("XrayInferenceSeconds", time.perf_counter() - t0, "s", MetricTypes.HISTOGRAM)
+        # Its _count is the number of batches and its _sum the number of requests.
+        self._metric("XrayBatchSize", batch.size, "count", MetricTypes.HISTOGRAM)
+        if batch.errors:
+            self._metric("XrayBadRequests", len(batch.errors), "count", MetricTypes.COUNTER)
+        log.debug("batch of %d: %d predicted, %d refused", batch.size, len(batch.inputs), len(batch.errors))
         return batch
 
     def postprocess(self, batch: Batch) -> list[dict]:
@@ -121,7 +123,7 @@ class XrayHandler(BaseHandler):
             i = batch.index[k]
             out[i] = Explanation(prediction=Prediction.model_validate(out[i]), target=names[target],
                                  heatmap=np.round(cam, 4).tolist(), overlay_png=overlay_png(gray, cam)).model_dump()
-        self._metric("XrayExplainMs", (time.perf_counter() - t0) * 1000, "ms", MetricTypes.GAUGE)
+        self._metric("XrayExplainSeconds", time.perf_counter() - t0, "s", MetricTypes.HISTOGRAM)
 
     def _target(self, i: int, request: dict) -> str | None:
         """The class to explain: multipart field 'target' or header X-Target-Class (TorchServe drops
@@ -137,5 +139,6 @@ class XrayHandler(BaseHandler):
         out[i] = err.model_dump()
 
     def _metric(self, name: str, value: float, unit: str, kind: MetricTypes) -> None:
-        self.context.metrics.add_metric(name, round(float(value), 3), unit, None, [], kind)
+        # Each call is one stdout line that the Java frontend parses: few per batch, none per request.
+        self.context.metrics.add_metric(name, round(float(value), 6), unit, None, [], kind)
 

@@ -97,7 +97,9 @@ class ServeSettings(BaseModel):
             "metrics_mode": "prometheus",
             "model_metrics_auto_detect": "true",  # the handler's Xray* metrics on /metrics
             "job_queue_size": self.job_queue_size,
-            "vmargs": f"-Xmx1g -XX:+ExitOnOutOfMemoryError -Duser.dir={self.key_file.parent}",
+            # C1 only (TieredStopAtLevel=1): C2's compiler threads cost more CPU per request than the
+            # frontend's own work for minutes after a start on a 2-core host (`make bench`, README).
+            "vmargs": f"-Xmx1g -XX:+ExitOnOutOfMemoryError -XX:TieredStopAtLevel=1 -Duser.dir={self.key_file.parent}",
         }
         if self.netty_threads:
             lines["number_of_netty_threads"] = self.netty_threads
