@@ -26,7 +26,6 @@ import argparse
 import asyncio
 import json
 import os
-import re
 import resource
 import shutil
 import subprocess
@@ -38,14 +37,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import httpx
-import numpy as np
-
 from handlers import constants as C
 from handlers.torchserve import read_manifest, read_model_config
 from serving import launcher, limit, openloop, proccpu
 from serving.client import XrayClient, XrayError
-from serving.evaluate import list_items, stratified
+from serving.load import batch_counts, endpoint_level, load_bodies
 from serving.settings import ServeSettings, token
 from training.sources import default_data_dir
 
@@ -60,57 +56,12 @@ QUICK = {"seconds": 3.0, "limit_seconds": 3.0, "concurrency": [1, 32], "images":
          "rates": [0.5, 0.8, 1.0], "warmup": 3.0}
 
 
-def ms(values: list[float], q: float) -> float:
-    return round(float(np.percentile(np.asarray(values) * 1000, q)), 2) if values else float("nan")
-
-
 def model_from_mar(mar: Path, into: Path) -> tuple[Path, int | None]:
     """The serialized model (extracted into `into`) and batchSize of a .mar."""
     name = read_manifest(mar)["model"]["serializedFile"]
     with zipfile.ZipFile(mar) as z:
         z.extract(name, into)
     return into / name, read_model_config(mar).get("batchSize")
-
-
-def load_bodies(data_dir: Path, n: int) -> list[bytes]:
-    """n test images of both classes, as the bytes a client would send."""
-    items = stratified(list_items(data_dir, "test"), n)
-    return [body.read_bytes() if isinstance(body, Path) else body for _, body, _ in items]
-
-
-def metric_sum(metrics_url: str, name: str) -> float | None:
-    try:
-        text = httpx.get(f"{metrics_url.rstrip('/')}/metrics", timeout=10).text
-    except httpx.HTTPError:
-        return None
-    values = [float(m.group(1)) for m in re.finditer(rf"^{name}{{[^}}]*}} ([0-9.eE+-]+)$", text, re.M)]
-    return sum(values) if values else None
-
-
-async def endpoint_level(client: XrayClient, bodies: list[bytes], requests: int, seconds: float) -> dict[str, Any]:
-    latencies: list[float] = []
-    errors: list[str] = []
-    sent = 0
-    deadline = time.perf_counter() + seconds
-
-    async def worker() -> None:
-        nonlocal sent
-        while sent < requests and time.perf_counter() < deadline:
-            body = bodies[sent % len(bodies)]
-            sent += 1
-            t0 = time.perf_counter()
-            try:
-                await client.predict(body)
-                latencies.append(time.perf_counter() - t0)
-            except XrayError as exc:
-                errors.append(str(exc))
-
-    t0 = time.perf_counter()
-    await asyncio.gather(*(worker() for _ in range(client.concurrency)))
-    wall = time.perf_counter() - t0
-    return {"concurrency": client.concurrency, "requests": sent, "errors": len(errors), "wall_s": round(wall, 2),
-            "throughput_rps": round(len(latencies) / wall, 2), "p50_ms": ms(latencies, 50),
-            "p99_ms": ms(latencies, 99), "first_error": errors[0] if errors else None}
 
 
 # wrk cycles through the same image bodies; done() prints the exact percentiles as one JSON line.
@@ -181,11 +132,6 @@ def cpu_probe(root_pid: int | None) -> Callable[[], Callable[[int], dict[str, An
                     "frontend_threads_ms": dict(list(threads.items())[:8])}
         return stop
     return start
-
-
-def batch_counts(metrics_url: str) -> tuple[float | None, float | None]:
-    """(batches, requests) so far: the count and the sum of the handler's XrayBatchSize histogram."""
-    return metric_sum(metrics_url, "XrayBatchSize_count"), metric_sum(metrics_url, "XrayBatchSize_sum")
 
 
 def children_cpu_s() -> float:
