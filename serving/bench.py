@@ -354,7 +354,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--requests", type=int, default=100_000, help="httpx load: at most this many requests per level")
     p.add_argument("--seconds", type=float, default=10, help="seconds per closed-loop level and per open-loop rate")
     p.add_argument("--limit-seconds", type=float, default=10, help="seconds of the in-process limit")
-    p.add_argument("--warmup", type=float, default=5, help="seconds of load before anything counts")
+    p.add_argument("--warmup", type=float, default=15, help="seconds of load before anything counts")
     p.add_argument("--concurrency", type=lambda s: [int(c) for c in s.split(",")], default=[1, 8, 32, 64])
     p.add_argument("--rates", type=lambda s: [float(c) for c in s.split(",") if c], default=list(DEFAULT_RATES),
                    help="open-loop rates as fractions of the best closed-loop req/s ('' = no open loop)")
