@@ -278,6 +278,10 @@ def markdown(result: dict[str, Any]) -> str:
                      f"{r['p90_ms']} | {r['p99_ms']} | {r['connections']} | {_f(c.get('total'))} | "
                      f"{r['generator_cpu_ms_per_request']}, {r['generator_cpu_share']}, {r['send_late_p99_ms']} | "
                      f"{'yes' if r['meets_target'] else 'no'} |")
+    late = max((r["send_late_p99_ms"] or 0 for r in result["open_loop"]), default=0)
+    if late > 5:
+        lines += ["", f"The open-loop generator woke up to {late} ms late (p99) for its sends: the host was busy. "
+                  "Latencies still count from the scheduled times, so lateness shows as latency, never hides it."]
     lines += ["", f"Server processes found from the launcher's pid file: {result['server_processes']}. CPU is user + "
               "system time from /proc over each level, divided by the requests of that level; the in-process "
               "limit's CPU comes from its processes' own clocks. Client, server and limit share this machine's "
