@@ -75,10 +75,10 @@ predict-offline: setup ## IMAGE=chest.jpeg: label, P(PNEUMONIA) and each class's
 	@test -f "$(IMAGE)" || { echo "usage: make predict-offline IMAGE=path/to/chest.jpeg [MODEL=...] (no file '$(IMAGE)')" >&2; exit 2; }
 	$(PY) -m serving.offline predict $(IMAGE) $(if $(MODEL),--model $(MODEL),)
 
-bench: setup ## in-process limit vs live endpoint at concurrency 1/8/32/64 -> reports/bench.md
+bench: setup ## honest limit vs the live endpoint: closed + open loop, server CPU by role -> reports/bench.md (QUICK=1; START=1 starts/stops the server)
 	@command -v wrk >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk; } \
 	  || echo "wrk unavailable: the async httpx client loads the endpoint (it needs a core of its own)"
-	$(PY) -m serving.bench
+	$(PY) -m serving.bench $(if $(QUICK),--quick,) $(if $(START),--start,)
 
 chaos: setup ## issue 12's attacks against the live server (`make serve` first) -> reports/chaos.md (QUICK=1: lighter)
 	@command -v wrk >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk; } \

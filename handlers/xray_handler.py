@@ -15,6 +15,7 @@ the same path). Threshold, classes and preprocessing come from the ModelCard ins
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from http import HTTPStatus
@@ -63,7 +64,7 @@ class XrayHandler(BaseHandler):
         for r in requests:
             if r.ok and r.explain and self.explainer is None:
                 r.refuse(422, "not_explainable", self.not_explainable)
-        self._metric("XrayPreprocessMs", (time.perf_counter() - t0) * 1000, "ms", MetricTypes.GAUGE)
+        self._metric("XrayPreprocessSeconds", time.perf_counter() - t0, "s", MetricTypes.HISTOGRAM)
         return requests
 
     @timed
@@ -74,28 +75,29 @@ class XrayHandler(BaseHandler):
             logits = self.runner(np.stack([r.image for r in good]))
             for r, p in zip(good, pneumonia_probability(logits, self.card.head), strict=True):
                 r.probability = float(p)
-            self._metric("XrayInferenceMs", (time.perf_counter() - t0) * 1000, "ms", MetricTypes.GAUGE)
+            self._metric("XrayInferenceSeconds", time.perf_counter() - t0, "s", MetricTypes.HISTOGRAM)
             self._explain([r for r in good if r.explain])
         bad = len(requests) - len(good)
-        self._metric("XrayBatchSize", len(requests), "count", MetricTypes.GAUGE)
-        self._metric("XrayBatches", 1, "count", MetricTypes.COUNTER)
-        self._metric("XrayRequests", len(requests), "count", MetricTypes.COUNTER)
-        self._metric("XrayBadRequests", bad, "count", MetricTypes.COUNTER)
-        log.info("batch of %d: %d predicted, %d refused", len(requests), len(good), bad)
+        # Its _count is the number of batches and its _sum the number of requests.
+        self._metric("XrayBatchSize", len(requests), "count", MetricTypes.HISTOGRAM)
+        if bad:
+            self._metric("XrayBadRequests", bad, "count", MetricTypes.COUNTER)
+        log.debug("batch of %d: %d predicted, %d refused", len(requests), len(good), bad)
         return requests
 
     @timed
-    def postprocess(self, requests: list[XrayRequest]) -> list[dict]:
+    def postprocess(self, requests: list[XrayRequest]) -> list[bytes]:
         out = []
         for r in requests:
             body = self._answer(r)
             code = r.error.code if r.error else 200
             self.context.set_response_status(code, HTTPStatus(code).phrase, r.index)
             self.context.set_response_content_type(r.index, "application/json")
-            out.append(body)
+            # Bytes go out as they are; a dict would be pretty-printed by TorchServe (json.dumps indent=2).
+            out.append(json.dumps(body, separators=(",", ":")).encode())
         return out
 
-    def explain_handle(self, data_preprocess: list[XrayRequest], raw_data: list[dict]) -> list[dict]:
+    def explain_handle(self, data_preprocess: list[XrayRequest], raw_data: list[dict]) -> list[bytes]:
         # BaseHandler.handle comes here when the batch's FIRST request asks for an explanation;
         # each request carries its own choice, so both paths are the same.
         return self.postprocess(self.inference(data_preprocess))
@@ -118,7 +120,7 @@ class XrayHandler(BaseHandler):
             return
         for r, cam in zip(requests, cams, strict=True):
             r.heatmap = cam
-        self._metric("XrayExplainMs", (time.perf_counter() - t0) * 1000, "ms", MetricTypes.GAUGE)
+        self._metric("XrayExplainSeconds", time.perf_counter() - t0, "s", MetricTypes.HISTOGRAM)
 
     def _answer(self, r: XrayRequest) -> dict:
         if r.error:
@@ -136,4 +138,5 @@ class XrayHandler(BaseHandler):
                            overlay_png=overlay_png(gray, r.heatmap)).model_dump()
 
     def _metric(self, name: str, value: float, unit: str, kind: MetricTypes) -> None:
-        self.context.metrics.add_metric(name, round(float(value), 3), unit, None, [], kind)
+        # Each call is one stdout line that the Java frontend parses: few per batch, none per request.
+        self.context.metrics.add_metric(name, round(float(value), 6), unit, None, [], kind)

@@ -146,8 +146,10 @@ class InProcessWorker:
         context.request_ids, context.request_processor = ids, headers
         context.metrics.request_ids = ids
         out = self.handler.handle(data, context)
-        # The frontend answers with what the handler returned, JSON-encoded, and the status it set.
-        return [(headers[i].get_response_status_code(), json.loads(json.dumps(body))) for i, body in enumerate(out)]
+        # The frontend sends bytes as they are and JSON-encodes anything else, with the status it set.
+        return [(headers[i].get_response_status_code(),
+                 json.loads(body if isinstance(body, bytes | str) else json.dumps(body)))
+                for i, body in enumerate(out)]
 
     def predict_many(self, items: Iterable[tuple[str, bytes | Path] | tuple[str, bytes | Path, str]],
                      headers: dict[str, str] | None = None) -> list[WorkerAnswer]:

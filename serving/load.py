@@ -72,6 +72,11 @@ def metric_sum(metrics_url: str, name: str) -> float | None:
     return sum(values) if values else None
 
 
+def batch_counts(metrics_url: str) -> tuple[float | None, float | None]:
+    """(batches, requests) the handler has seen: the count and the sum of its XrayBatchSize histogram."""
+    return metric_sum(metrics_url, "XrayBatchSize_count"), metric_sum(metrics_url, "XrayBatchSize_sum")
+
+
 async def endpoint_level(client: XrayClient, bodies: list[bytes], requests: int, seconds: float) -> dict[str, Any]:
     """`client.concurrency` requests in flight, cycling through `bodies`, until `requests` were
     sent or `seconds` passed: throughput, p50/p99 latency, errors."""

@@ -143,7 +143,10 @@ class ServeSettings(BaseModel):
             "model_metrics_auto_detect": "true",  # the handler's Xray* metrics on /metrics
             "job_queue_size": self.job_queue_size,
             # A heap exhausted anyway exits at once; the launcher's supervisor starts a new server.
-            "vmargs": f"-Xmx{self.heap_mb}m -XX:+ExitOnOutOfMemoryError -Duser.dir={self.ts_key_file.parent}",
+            # C1 only (TieredStopAtLevel=1): C2's compiler threads cost more CPU per request than the
+            # frontend's own work for minutes after a start on a 2-core host (`make bench`, README).
+            "vmargs": f"-Xmx{self.heap_mb}m -XX:+ExitOnOutOfMemoryError -XX:TieredStopAtLevel=1 "
+                      f"-Duser.dir={self.ts_key_file.parent}",
         }
         if self.netty_threads:
             lines["number_of_netty_threads"] = self.netty_threads

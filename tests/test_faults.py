@@ -36,7 +36,7 @@ def test_a_killed_worker_loses_no_image(server: ServeSettings, export_dir: Path,
                                         tmp_path: Path) -> None:
     before = workers(server)
     pid = before[0]["pid"]
-    seen = metric_sum(server.metrics_url, "XrayRequests")
+    seen = metric_sum(server.metrics_url, "XrayBatchSize_sum")
     proc = subprocess.Popen(
         [sys.executable, "-m", "serving.evaluate", "--url", server.inference_url, "--key-file", str(server.key_file),
          "--data-dir", str(data_dir), "--expect", str(export_dir / "predictions_xraynet.json"),
@@ -44,7 +44,7 @@ def test_a_killed_worker_loses_no_image(server: ServeSettings, export_dir: Path,
         cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         deadline = time.monotonic() + 120
-        while metric_sum(server.metrics_url, "XrayRequests") < seen + 80 and time.monotonic() < deadline:
+        while metric_sum(server.metrics_url, "XrayBatchSize_sum") < seen + 80 and time.monotonic() < deadline:
             time.sleep(0.1)  # evaluate is under way
         os.kill(pid, signal.SIGKILL)
         killed = time.monotonic()

@@ -121,7 +121,9 @@ def handle(handler: XrayHandler, context: Context, batch: list[dict]) -> list[tu
     assert len(out) == len(batch)
     statuses = [context.get_response_status(i)[0] for i in range(len(batch))]
     assert all(context.get_response_content_type(i) == "application/json" for i in range(len(batch)))
-    return list(zip(statuses, [json.loads(json.dumps(o)) for o in out], strict=True))
+    # Compact JSON bytes, sent as they are: TorchServe would pretty-print a dict (indent=2).
+    assert all(isinstance(o, bytes) and b"\n" not in o and b'": ' not in o for o in out)
+    return list(zip(statuses, [json.loads(o) for o in out], strict=True))
 
 
 def test_mixed_good_and_bad_requests_are_answered_each_alone(served: tuple[XrayHandler, Context]) -> None:
@@ -168,15 +170,17 @@ def test_metrics_and_torchserve_timing_are_emitted(served: tuple[XrayHandler, Co
         handle(*served, [request(image(20)), request(b""), request(image(21), explain=True)])
     lines = [r.getMessage() for r in caplog.records]
 
-    def metric(name: str) -> float:
+    def metric(name: str, kind: str | None = None) -> float:
         found = [line for line in lines if line.removeprefix("[METRICS]").startswith(f"{name}.")]
         assert found, f"{name} not emitted; got {lines}"
+        assert kind is None or f"|#type:{kind}|" in found[-1], found[-1]
         return float(found[-1].split(":", 1)[1].split("|", 1)[0])
 
-    assert metric("XrayRequests") == 3 and metric("XrayBadRequests") == 1 and metric("XrayBatches") == 1
-    assert metric("XrayBatchSize") == 3
-    for name in ("XrayPreprocessMs", "XrayInferenceMs", "XrayExplainMs", "HandlerTime",
-                 "ts_handler_preprocess", "ts_handler_inference", "ts_handler_postprocess"):
+    # Latencies and the batch size are histograms (the frontend keeps buckets, sum and count).
+    assert metric("XrayBatchSize", "HISTOGRAM") == 3 and metric("XrayBadRequests", "COUNTER") == 1
+    for name in ("XrayPreprocessSeconds", "XrayInferenceSeconds", "XrayExplainSeconds"):
+        assert 0 <= metric(name, "HISTOGRAM") < 60
+    for name in ("HandlerTime", "ts_handler_preprocess", "ts_handler_inference", "ts_handler_postprocess"):
         assert metric(name) >= 0
 
 

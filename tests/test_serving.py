@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import stat
 import subprocess
 import sys
@@ -21,7 +22,7 @@ from handlers import torchserve
 from handlers.constants import MODEL_NAME, REPO_ROOT
 from handlers.schemas import ErrorBody, Prediction
 from serving import launcher
-from serving.load import metric_sum
+from serving.load import batch_counts, metric_sum
 from serving.settings import ServeSettings, read_keys
 from tests.helpers import free_ports, keys, serve_settings, workers
 
@@ -68,7 +69,7 @@ def test_multipart_fields_data_and_file(server: ServeSettings, sample_jpeg: byte
 
 
 def test_concurrent_requests_are_batched_and_bad_ones_answered_alone(server: ServeSettings, sample_jpeg: bytes) -> None:
-    batches0, requests0 = metric_sum(server.metrics_url, "XrayBatches"), metric_sum(server.metrics_url, "XrayRequests")
+    batches0, requests0 = batch_counts(server.metrics_url)
     bodies = [sample_jpeg] * 7 + [b"this is not an image"]
     with ThreadPoolExecutor(len(bodies)) as pool:
         responses = list(pool.map(lambda b: predict(server, b), bodies))
@@ -78,10 +79,16 @@ def test_concurrent_requests_are_batched_and_bad_ones_answered_alone(server: Ser
     assert max(probs) - min(probs) < 1e-6  # the same image gets the same answer inside a batch
     err = ErrorBody.model_validate(responses[-1].json())
     assert err.code == 415 and err.type == "unsupported_media_type" and err.message
-    batches = metric_sum(server.metrics_url, "XrayBatches") - batches0
-    requests = metric_sum(server.metrics_url, "XrayRequests") - requests0
+    batches1, requests1 = batch_counts(server.metrics_url)
+    batches, requests = batches1 - batches0, requests1 - requests0
     assert requests == len(bodies)
     assert batches < requests, f"{requests} concurrent requests ran in {batches} batches: no batching"
+    # The handler's latencies are histograms (buckets, sum, count), not gauges that keep one value.
+    text = httpx.get(f"{server.metrics_url}/metrics", timeout=10).text
+    for name in ("XrayPreprocessSeconds", "XrayInferenceSeconds", "XrayBatchSize"):
+        assert f"# TYPE {name} histogram" in text, name
+        assert re.search(rf'^{name}_bucket{{.*le="\+Inf".*}} [1-9]', text, re.M), name
+    assert metric_sum(server.metrics_url, "XrayBadRequests") >= 1
 
 
 def test_token_is_required(server: ServeSettings, sample_jpeg: bytes) -> None:
