@@ -248,7 +248,8 @@ def border_sample(data_dir: Path, split: str = "test", every: int = 8) -> tuple[
     return [p.name for p, _ in items], [decode(p.read_bytes()) for p, _ in items]
 
 
-def summarize(det: Detector, feats: dict[str, list[np.ndarray]], use: list[int], ood_names: list[str]) -> dict[str, Any]:
+def summarize(det: Detector, feats: dict[str, list[np.ndarray]], use: list[int],
+              ood_names: list[str]) -> dict[str, Any]:
     sc = {k: det.score([f[i] for i in use]) for k, f in feats.items()}
     t = det.threshold
     out = {"threshold": t, "ood_refused": float(np.mean(sc["ood"] > t)),
