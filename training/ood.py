@@ -69,7 +69,8 @@ def segments(model: nn.Module) -> list[nn.Sequential]:
     return out
 
 
-def input_features(x: torch.Tensor, layout: int = LAYOUT_SIDE, texture: int = TEXTURE_SIDE) -> list[torch.Tensor]:
+def input_features(x: torch.Tensor, layout: int = LAYOUT_SIDE, texture: int = TEXTURE_SIDE,
+                   eps: float = EPS) -> list[torch.Tensor]:
     """[N, 1, S, S] normalised input -> [layout means, local std map, global statistics].
 
     The statistics say whether there is an image at all: the log global contrast (a flat field has
@@ -80,13 +81,13 @@ def input_features(x: torch.Tensor, layout: int = LAYOUT_SIDE, texture: int = TE
     means = F.avg_pool2d(x, side // layout).flatten(1)
     k = side // texture
     mu = F.avg_pool2d(x, k)
-    local_std = torch.sqrt(F.relu(F.avg_pool2d(x * x, k) - mu * mu) + EPS).flatten(1)
+    local_std = torch.sqrt(F.relu(F.avg_pool2d(x * x, k) - mu * mu) + eps).flatten(1)
     flat = x.flatten(1)
     var = flat.var(dim=1, unbiased=False)
     dx = (x[..., :, 1:] - x[..., :, :-1]).pow(2).flatten(1).mean(1)
     dy = (x[..., 1:, :] - x[..., :-1, :]).pow(2).flatten(1).mean(1)
-    stats = torch.stack([flat.mean(1), 0.5 * torch.log(var + EPS), torch.log(dx / (2 * var + EPS) + EPS),
-                         torch.log(dy / (2 * var + EPS) + EPS)], 1)
+    stats = torch.stack([flat.mean(1), 0.5 * torch.log(var + eps), torch.log(dx / (2 * var + eps) + eps),
+                         torch.log(dy / (2 * var + eps) + eps)], 1)
     return [means, local_std, stats]
 
 
