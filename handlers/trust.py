@@ -9,50 +9,15 @@ the operating points. training/ood.py and training/calibration.py fit them.
 
 from __future__ import annotations
 
-from typing import Literal
-
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field
 
-DEFAULT_POINT = "balanced"
+from handlers.schemas import DEFAULT_POINT, Calibration, OodGate, OperatingPoint
+
+__all__ = ["DEFAULT_POINT", "OPERATING_POINT_FIELD", "OPERATING_POINT_HEADER", "TrustError", "calibrated",
+           "is_foreign", "label_of", "margin_of", "resolve_point"]
 POINT_NAMES = ("balanced", "high_sensitivity", "high_specificity")
 OPERATING_POINT_HEADER = "x-operating-point"
 OPERATING_POINT_FIELD = "operating_point"
-
-
-class Calibration(BaseModel):
-    """P(PNEUMONIA) = sigmoid(a * margin + b), fitted on validation (Platt; temperature has b = 0)."""
-
-    model_config = ConfigDict(frozen=True)
-
-    method: Literal["platt", "temperature", "none"] = "none"
-    a: float = 1.0
-    b: float = 0.0
-    val_ece: float | None = None
-    val_brier: float | None = None
-
-
-class OperatingPoint(BaseModel):
-    """A named threshold on the calibrated P(PNEUMONIA), with what it gave on validation."""
-
-    model_config = ConfigDict(frozen=True)
-
-    threshold: float = Field(ge=0.0, le=1.0)
-    description: str = ""
-    val_sensitivity: float | None = None
-    val_specificity: float | None = None
-
-
-class OodGate(BaseModel):
-    """The out-of-distribution gate: the model's `ood_score` output above `threshold` is refused."""
-
-    model_config = ConfigDict(frozen=True)
-
-    method: str = "mahalanobis"
-    threshold: float
-    layers: list[str] = Field(default_factory=list)
-    two_sided: bool = True
-    val_quantile: float = 0.995
 
 
 class TrustError(ValueError):

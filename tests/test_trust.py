@@ -7,10 +7,8 @@ import pytest
 import torch
 
 from handlers.preprocess import decode, to_model_input
+from handlers.schemas import Calibration, OodGate, OperatingPoint
 from handlers.trust import (
-    Calibration,
-    OodGate,
-    OperatingPoint,
     TrustError,
     calibrated,
     is_foreign,
@@ -18,11 +16,11 @@ from handlers.trust import (
     margin_of,
     resolve_point,
 )
+from tests.helpers import synthetic_xray
 from training import calibration as cal
 from training import ood
 from training.models import build_model
 from training.ood_images import BORDER_CASES, border_cases, encode_png, ood_set
-from tests.helpers import synthetic_xray
 
 SIZE = 64
 
@@ -41,7 +39,7 @@ def test_ood_set_is_varied_valid_and_deterministic(ood_images: list) -> None:
     assert all(np.array_equal(a.gray, b.gray) for a, b in zip(ood_images, again, strict=True))
     for o in ood_images:
         assert o.gray.dtype == np.float32 and o.gray.ndim == 2
-        assert 0.0 <= o.gray.min() and o.gray.max() <= 1.0
+        assert o.gray.min() >= 0.0 and o.gray.max() <= 1.0
 
 
 def test_every_ood_image_is_accepted_by_the_decoder(ood_images: list) -> None:
@@ -89,7 +87,8 @@ def test_detector_threshold_passes_validation_and_refuses_blank_and_noise(fitted
     assert np.mean(val_scores <= det.threshold) >= 0.995
     rng = np.random.default_rng(1)
     foreign = [np.full((96, 96), 0.5, np.float32), np.zeros((96, 96), np.float32),
-               rng.uniform(0, 1, (96, 96)).astype(np.float32), np.tile(np.linspace(0, 1, 96, dtype=np.float32), (96, 1))]
+               rng.uniform(0, 1, (96, 96)).astype(np.float32),
+               np.tile(np.linspace(0, 1, 96, dtype=np.float32), (96, 1))]
     xf = torch.from_numpy(np.stack([to_model_input(g, SIZE, 0.5, 0.25) for g in foreign]))
     scores = det.score(ood.extract(model, xf)[1])
     assert (scores > det.threshold).all(), scores

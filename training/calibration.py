@@ -21,7 +21,8 @@ from sklearn import metrics as skm
 from sklearn.calibration import calibration_curve
 from sklearn.linear_model import LogisticRegression
 
-from handlers.trust import DEFAULT_POINT, Calibration, OperatingPoint, calibrated, margin_of
+from handlers.schemas import DEFAULT_POINT, Calibration, OperatingPoint
+from handlers.trust import calibrated, margin_of
 from training.metrics import binary_metrics, youden_threshold
 
 N_BINS = 15
