@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
 
@@ -151,17 +151,19 @@ class Detector:
     layers: list[LayerStats]
     two_sided: bool = True
     threshold: float = float("inf")
+    use: list[int] = field(default_factory=list)  # which of layer_names(model) the layers are
 
     def layer_scores(self, feats: list[np.ndarray]) -> np.ndarray:
         """[N, L] standardised distances."""
         cols = []
-        for st, f in zip(self.layers, feats, strict=True):
+        for st, f in zip(self.layers, feats, strict=True):  # feats: the used layers only
             z = (st.d2(f) - st.loc) / st.scale
             cols.append(np.abs(z) if self.two_sided else z)
         return np.stack(cols, 1)
 
     def score(self, feats: list[np.ndarray]) -> np.ndarray:
-        return self.layer_scores(feats).max(1)
+        """The OOD score of each image from ALL the model's layer features (extract's order)."""
+        return self.layer_scores([feats[k] for k in self.use]).max(1)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-safe summary (the card keeps this much; the matrices travel as model buffers)."""
@@ -181,10 +183,9 @@ def fit_detector(train_feats: list[np.ndarray], y_train: np.ndarray, val_feats: 
         st.loc = float(np.median(d2))
         # MAD (as a normal-consistent sigma); never zero, even for a degenerate layer.
         st.scale = float(max(1.4826 * np.median(np.abs(d2 - st.loc)), 1e-6 * max(st.loc, 1.0)))
-    det = Detector(layers, two_sided)
-    val_scores = det.score([val_feats[k] for k in use])
+    det = Detector(layers, two_sided, use=use)
+    val_scores = det.score(val_feats)
     det.threshold = float(np.quantile(val_scores, quantile, method="higher"))
-    det.use = use  # type: ignore[attr-defined]
     return det
 
 
@@ -249,9 +250,9 @@ def border_sample(data_dir: Path, split: str = "test", every: int = 8) -> tuple[
     return [p.name for p, _ in items], [decode(p.read_bytes()) for p, _ in items]
 
 
-def summarize(det: Detector, feats: dict[str, list[np.ndarray]], use: list[int],
+def summarize(det: Detector, feats: dict[str, list[np.ndarray]],
               ood_names: list[str]) -> dict[str, Any]:
-    sc = {k: det.score([f[i] for i in use]) for k, f in feats.items()}
+    sc = {k: det.score(f) for k, f in feats.items()}
     t = det.threshold
     out = {"threshold": t, "ood_refused": float(np.mean(sc["ood"] > t)),
            "val_refused": float(np.mean(sc["val"] > t)), "test_refused": float(np.mean(sc["test"] > t)),
@@ -292,7 +293,7 @@ def study(checkpoint: Path, data_dir: Path) -> dict[str, Any]:
     for vname, (use, two) in variants.items():
         det = fit_detector([feats["train"][i] for i in range(n)], y_train,
                            feats["val"], lnames, use=use, two_sided=two)
-        r = summarize(det, feats, use, [o.name for o in ood])
+        r = summarize(det, feats, [o.name for o in ood])
         results["variants"][vname] = r
     # The classifier's own confidence (maximum softmax probability) as the baseline detector.
     conf = {k: np.abs(margin_logits(v, card.head)) for k, v in logits.items()}
