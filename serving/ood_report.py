@@ -29,11 +29,11 @@ from typing import Any
 import numpy as np
 
 from serving.client import Result, XrayClient, XrayHTTPError, XrayUnavailable
+from serving.trust_report import REFUSAL_TYPE
 from training.ood_images import border_cases, encode_png, ood_set
 from training.sources import REPO_ROOT, default_data_dir, list_image_folder
 
 DEFAULT_OUT = REPO_ROOT / "reports" / "ood"
-REFUSAL_TYPE = "not_chest_xray"
 
 
 def outcome(result: Result) -> tuple[str, float | None]:
@@ -83,15 +83,17 @@ def build(url: str, data_dir: Path, split: str, limit: int | None, border_every:
     t0 = time.perf_counter()
     results = asyncio.run(run())
     wall = time.perf_counter() - t0
-    rows = []
+    rows, threshold = [], None
     for (name, _), r in zip(items, results, strict=True):
+        if isinstance(r.error, XrayHTTPError) and r.error.error.ood_threshold is not None:
+            threshold = r.error.error.ood_threshold
         what, score = outcome(r)
         group = "radiograph" if name.startswith("radiograph/") else kinds[name]
         rows.append({"name": name, "group": group, "outcome": what, "score": score,
                      "error": None if r.ok or what == "refused" else str(r.error)})
     if any(isinstance(r.error, XrayUnavailable) for r in results):
         raise ConnectionError(f"{url}: the server did not answer")
-    return summarize(rows, wall)
+    return summarize(rows, wall) | {"threshold": threshold}
 
 
 def summarize(rows: list[dict[str, Any]], wall_s: float) -> dict[str, Any]:
@@ -126,6 +128,7 @@ def markdown(rep: dict[str, Any]) -> str:
              f"| non-radiographs refused | {rep['ood_refused']:.1%} of {rep['n_ood']} |",
              f"| radiographs refused (false refusals) | {rep['false_refusal']:.2%} of {rep['n_radiographs']} |",
              f"| OOD AUROC (served scores) | {rep['ood_auroc']:.4f} |" if rep["ood_auroc"] is not None else "",
+             f"| threshold | {rep['threshold']:.3f} |" if rep.get("threshold") is not None else "",
              "", "| kind | refused |", "|---|---:|"]
     lines += [f"| {k} | {v:.0%} |" for k, v in rep["ood_refused_by_kind"].items()]
     lines += ["", "| border case | refused |", "|---|---:|"]
@@ -175,10 +178,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"ood: error: {exc}", file=sys.stderr)
         return 2
     args.out_dir.mkdir(parents=True, exist_ok=True)
-    threshold = next((r["error_threshold"] for r in [] if r), None)
     (args.out_dir / "ood.json").write_text(json.dumps(rep, indent=1))
     (args.out_dir / "ood.md").write_text(markdown(rep))
-    plot(rep, args.out_dir / "ood_scores.png", threshold)
+    plot(rep, args.out_dir / "ood_scores.png", rep["threshold"])
     print(markdown(rep))
     failed = []
     if rep["ood_refused"] < args.min_refused:
