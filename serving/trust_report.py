@@ -53,7 +53,8 @@ def rows(trust: dict[str, Any]) -> list[tuple[str, str]]:
     for name, m in trust["points"].items():
         out.append((f"point {name} (t={m['threshold']:.4f})",
                     f"sens {m['sensitivity']:.4f} spec {m['specificity']:.4f} "
-                    f"bal acc {m['balanced_accuracy']:.4f} [tn fp; fn tp] = [{m['tn']} {m['fp']}; {m['fn']} {m['tp']}]"))
+                    f"bal acc {m['balanced_accuracy']:.4f} [tn fp; fn tp] = "
+                    f"[{m['tn']} {m['fp']}; {m['fn']} {m['tp']}]"))
     return out
 
 
