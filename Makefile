@@ -7,7 +7,9 @@ export DATA_DIR ?= $(abspath ../shared/data/chest_xray)
 # The CPU torch wheel lives in the machine's wheel folder; never let pip fetch CUDA torch.
 WHEELS ?= /opt/wheels
 PIP_LINKS := $(if $(wildcard $(WHEELS)),--find-links $(WHEELS),)
-URL ?= http://127.0.0.1:8080
+# Deployment constants (model name, ports, paths) come from their one home, handlers/constants.py.
+CONST = $(shell python3 -m handlers.constants $(1))
+URL ?= $(call CONST,INFERENCE_URL)
 SPLIT ?= test
 BACKEND ?= onnxruntime
 
@@ -66,7 +68,7 @@ soak: setup ## hold concurrency 64 against the live endpoint for MINUTES (defaul
 	$(PY) -m serving.soak --url $(URL) --minutes $(or $(MINUTES),10) --concurrency 64
 
 # --- container (Dockerfile, docker/) ---
-IMAGE ?= xray-serve:latest
+IMAGE ?= $(call CONST,IMAGE)
 # Debian's docker.io CLI has BuildKit built in; a newer CLI needs the buildx plugin for RUN --mount.
 DOCKER ?= $(if $(wildcard /usr/bin/docker),/usr/bin/docker,docker)
 BASE_IMAGE ?=
@@ -84,4 +86,4 @@ docker-test: setup ## (root) build on a local Debian base, run, predict real ima
 	bash docker/smoke_test.sh
 
 clean: ## remove build outputs (keeps .venv and the data cache)
-	rm -rf artifacts/runs artifacts/best artifacts/export model_store/*.mar reports logs .serve
+	rm -rf $(call CONST,RUNS_DIR BEST_DIR EXPORT_DIR REPORTS_DIR LOG_DIR STATE_DIR) $(call CONST,MODEL_STORE)/*.mar

@@ -1,6 +1,6 @@
 """make bench: the in-process pipeline limit vs the live endpoint at several concurrency levels.
 
-    python -m serving.bench [--url http://127.0.0.1:8080] [--metrics-url URL] [--start]
+    python -m serving.bench [--url INFERENCE_URL] [--metrics-url METRICS_URL] [--start]
                             [--load wrk|httpx] [--seconds 10] [--concurrency 1,8,32,64]
                             [--model cnn.onnx | --mar model_store/xray.mar] [--out reports]
 
@@ -30,22 +30,22 @@ import time
 import zipfile
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
 import httpx
 import numpy as np
-import yaml
 
+from handlers import constants as C
 from handlers.backends import load_runner, pneumonia_probability
 from handlers.preprocess import preprocess
+from handlers.torchserve import read_manifest, read_model_config
 from serving import launcher
 from serving.client import XrayClient, XrayError
 from serving.evaluate import list_items, stratified
 from serving.settings import ServeSettings
-from training.sources import REPO_ROOT, default_data_dir
+from training.sources import default_data_dir
 
-DEFAULT_ONNX = REPO_ROOT / "artifacts" / "export" / "cnn.onnx"
-DEFAULT_MAR = REPO_ROOT / "model_store" / "xray.mar"
+DEFAULT_ONNX = C.EXPORT_DIR / f"{C.DEFAULT_FAMILY}{C.MODEL_SUFFIX['onnxruntime']}"
+DEFAULT_MAR = C.MODEL_STORE / C.MAR_NAME
 THROUGHPUT_TARGET = 0.7
 LATENCY_FACTOR, LATENCY_SLACK_MS = 1.5, 5.0
 
@@ -55,13 +55,11 @@ def ms(values: list[float], q: float) -> float:
 
 
 def model_from_mar(mar: Path, into: Path) -> tuple[Path, int | None]:
-    """The serialized model and batchSize of a .mar (a zip with MAR-INF/MANIFEST.json)."""
+    """The serialized model (extracted into `into`) and batchSize of a .mar."""
+    name = read_manifest(mar)["model"]["serializedFile"]
     with zipfile.ZipFile(mar) as z:
-        manifest = json.loads(z.read("MAR-INF/MANIFEST.json"))["model"]
-        name = manifest["serializedFile"]
         z.extract(name, into)
-        config = yaml.safe_load(z.read(manifest["configFile"])) if manifest.get("configFile") else {}
-    return into / name, (config or {}).get("batchSize")
+    return into / name, read_model_config(mar).get("batchSize")
 
 
 def load_bodies(data_dir: Path, n: int) -> list[bytes]:
@@ -266,8 +264,8 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--url", default="http://127.0.0.1:8080")
-    p.add_argument("--metrics-url", help="default: the --url host, port + 2 (TorchServe's default layout)")
+    p.add_argument("--url", default=C.INFERENCE_URL)
+    p.add_argument("--metrics-url", default=C.METRICS_URL)
     p.add_argument("--start", action="store_true", help="start TorchServe (default settings) and stop it after")
     p.add_argument("--load", choices=["wrk", "httpx"], default="wrk" if shutil.which("wrk") else "httpx",
                    help="load generator: wrk (default where installed) or the project's async httpx client")
@@ -281,12 +279,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int)
     p.add_argument("--token")
     p.add_argument("--key-file", type=Path)
-    p.add_argument("--out", type=Path, default=REPO_ROOT / "reports", help="folder for bench.json and bench.md")
-    args = p.parse_args(argv)
-    if not args.metrics_url:
-        u = urlsplit(args.url)
-        args.metrics_url = f"{u.scheme}://{u.hostname}:{(u.port or 80) + 2}"
-    return args
+    p.add_argument("--out", type=Path, default=C.REPORTS_DIR, help="folder for bench.json and bench.md")
+    return p.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:

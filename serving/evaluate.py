@@ -1,6 +1,6 @@
 """make evaluate: every image of a split through the live endpoint -> clinical metrics and latency.
 
-    python -m serving.evaluate [--url http://127.0.0.1:8080] [--data-dir D] [--split test]
+    python -m serving.evaluate [--url INFERENCE_URL] [--data-dir D] [--split test]
                                [--concurrency 16] [--limit N] [--min-accuracy A]
                                [--expect artifacts/export/predictions_cnn.json] [--tolerance 1e-5]
                                [--out-dir reports/evaluate]
@@ -27,13 +27,14 @@ from typing import Any
 
 import numpy as np
 
+from handlers import constants as C
 from handlers.schemas import CLASS_NAMES
 from serving.client import Body, Result, XrayClient, XrayHTTPError, XrayUnavailable
 from training.metrics import binary_metrics
 from training.plots import plot_confusion, plot_roc
-from training.sources import REPO_ROOT, default_data_dir, detect_format, find_npy_split, list_image_folder
+from training.sources import default_data_dir, detect_format, find_npy_split, list_image_folder
 
-DEFAULT_OUT = REPO_ROOT / "reports" / "evaluate"
+DEFAULT_OUT = C.REPORTS_DIR / "evaluate"
 Item = tuple[str, Body, int]  # name (relative to the data dir), body, label
 
 
@@ -243,7 +244,7 @@ def check(report: dict, min_accuracy: float | None) -> int:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--url", default="http://127.0.0.1:8080")
+    p.add_argument("--url", default=C.INFERENCE_URL)
     p.add_argument("--data-dir", type=Path, default=default_data_dir())
     p.add_argument("--split", default="test")
     p.add_argument("--concurrency", type=int, default=16)

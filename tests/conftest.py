@@ -13,11 +13,10 @@ from pathlib import Path
 
 import pytest
 
+from handlers.constants import DATA_DIR as SHARED_DATA
 from serving import launcher
 from serving.settings import ServeSettings
-from tests.helpers import REPO, make_image_folder, run_cli, serve_settings
-
-SHARED_DATA = REPO.parent / "shared" / "data" / "chest_xray"
+from tests.helpers import make_image_folder, run_cli, serve_settings
 
 
 @pytest.fixture(scope="session")

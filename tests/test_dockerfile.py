@@ -14,9 +14,10 @@ from pathlib import Path
 
 import pytest
 
-dockerfile_parse = pytest.importorskip("dockerfile_parse", reason="dockerfile-parse is not installed")
+from handlers import constants as C
+from handlers.constants import REPO_ROOT as REPO
 
-REPO = Path(__file__).resolve().parents[1]
+dockerfile_parse = pytest.importorskip("dockerfile_parse", reason="dockerfile-parse is not installed")
 DOCKERFILE = REPO / "Dockerfile"
 
 
@@ -40,9 +41,12 @@ def test_user_is_numeric_and_not_root(instructions):
     assert m.group(2) is None or int(m.group(2)) != 0, "group 0 is root's"
 
 
-def test_exposes_the_three_http_ports(instructions):
+def test_exposes_the_three_http_ports_and_the_container_paths_of_the_constants(instructions):
     ports = {p.split("/")[0] for v in values(instructions, "EXPOSE") for p in v.split()}
-    assert ports == {"8080", "8081", "8082"}
+    assert ports == {str(p) for p in (C.INFERENCE_PORT, C.MANAGEMENT_PORT, C.METRICS_PORT)}
+    env = dict(kv.split("=", 1) for v in values(instructions, "ENV") for kv in v.split() if "=" in kv)
+    assert env["XRAY_STATE_DIR"] == str(C.CONTAINER_STATE_DIR) and env["XRAY_LOG_DIR"] == str(C.CONTAINER_LOG_DIR)
+    assert env["XRAY_MODEL_STORE"] == str(C.CONTAINER_MODEL_STORE)
 
 
 def test_healthcheck_checks_the_model_not_only_ping(instructions):
@@ -53,12 +57,8 @@ def test_healthcheck_checks_the_model_not_only_ping(instructions):
     cmd = value.split("CMD", 1)[1]
     if "/ping" in cmd:
         assert "/predictions/" in cmd or "/models/" in cmd, "/ping says Healthy before the model is loaded"
-    script = re.search(r"(/app/)?(docker/\S+\.py)", cmd)
-    assert script, f"HEALTHCHECK should run docker/healthcheck.py, got {cmd!r}"
-    src = (REPO / script.group(2)).read_text()
-    # readiness: a READY worker through the management API with the key file's token, and a prediction
-    for needle in ("READY", "/models/", "key_file.json", "/predictions/", "Bearer", "Prediction"):
-        assert needle in src, f"{script.group(2)} does not check {needle!r}"
+    assert re.search(r"(/app/)?docker/healthcheck\.py", cmd), f"HEALTHCHECK should run docker/healthcheck.py: {cmd!r}"
+    # what healthcheck.py decides is tested against a real TorchServe in tests/test_serving.py
 
 
 def test_entrypoint_is_exec_form_and_runs_torchserve_in_the_foreground(instructions):

@@ -31,11 +31,11 @@ from handlers.backends import (
     load_runner,
     pneumonia_probability,
 )
+from handlers.constants import REPO_ROOT as REPO
 from handlers.schemas import ModelCard
 from training.sources import list_image_folder
 from training.train import load_checkpoint
 
-REPO = Path(__file__).resolve().parents[1]
 STAMPED = {"checkpoint_sha256", "versions"}  # what export adds to the checkpoint's card
 
 

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from handlers.torchserve import READY
 from serving.bench import metric_sum
 from serving.settings import ServeSettings
 from tests.helpers import REPO, run_cli, workers
@@ -49,7 +50,7 @@ def test_a_killed_worker_loses_no_image(server: ServeSettings, export_dir: Path,
         killed = time.monotonic()
         def recovered() -> bool:  # every worker READY again, the killed one replaced
             now = workers(server)
-            return len(now) == len(before) and all(w["status"] == "READY" and w["pid"] != pid for w in now)
+            return len(now) == len(before) and all(w["status"] == READY and w["pid"] != pid for w in now)
 
         while not recovered():
             assert time.monotonic() - killed < 120, "TorchServe did not restart the worker"

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import io
 import json
+import subprocess
+import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -12,10 +14,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from handlers.constants import REPO_ROOT
 from handlers.schemas import ErrorBody, Prediction
 from serving import launcher
 from serving.bench import metric_sum
-from serving.settings import REPO_ROOT, ServeSettings
+from serving.settings import ServeSettings
 from tests.helpers import keys, serve_settings
 
 pytestmark = [pytest.mark.server, pytest.mark.slow]
@@ -140,3 +143,19 @@ def test_a_second_instance_starts_beside_and_stops_cleanly(tmp_path: Path, model
         httpx.get(f"{other.inference_url}/ping", timeout=2)
     assert not other.key_file.exists()
     assert predict(server, sample_jpeg).status_code == 200
+
+
+def test_container_healthcheck_says_healthy_only_when_the_model_answers(server: ServeSettings, tmp_path: Path) -> None:
+    def healthcheck(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, str(REPO_ROOT / "docker" / "healthcheck.py"), *args],
+                              capture_output=True, text=True, timeout=60)
+
+    urls = ["--inference-url", server.inference_url, "--management-url", server.management_url]
+    ok = healthcheck(*urls, "--key-file", str(server.key_file))
+    assert ok.returncode == 0 and ok.stdout.startswith("healthy:"), ok.stdout + ok.stderr
+    wrong = tmp_path / "key_file.json"
+    wrong.write_text(json.dumps({k: {"key": "wrong"} for k in ("inference", "management", "API")}))
+    refused = healthcheck(*urls, "--key-file", str(wrong))
+    assert refused.returncode == 1 and "no READY worker" in refused.stdout, refused.stdout
+    missing = healthcheck(*urls, "--key-file", str(tmp_path / "absent.json"))
+    assert missing.returncode == 1 and "no key file" in missing.stdout

@@ -17,9 +17,9 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from handlers import preprocess
-from training.sources import REPO_ROOT, detect_format, iter_split, list_image_folder
+from handlers.constants import CACHE_DIR
+from training.sources import detect_format, iter_split, list_image_folder
 
-CACHE_DIR = REPO_ROOT / "artifacts" / "cache"
 CACHE_VERSION = "1"  # bump when handlers.preprocess changes what it produces
 
 

@@ -25,8 +25,9 @@ from typing import Any
 import matplotlib
 import torch
 
+from handlers import constants as C
 from training.plots import plot_bars
-from training.sources import REPO_ROOT, default_data_dir
+from training.sources import default_data_dir
 from training.train import TrainConfig, load_data, train
 
 # Course-like settings: Adam, constant LR, no scheduler, class-balanced loss, no augmentation.
@@ -288,9 +289,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--quick", action="store_true", help="CI-sized variants")
     p.add_argument("--only", nargs="+", help="run only these run names")
     p.add_argument("--data-dir", type=Path, default=default_data_dir())
-    p.add_argument("--runs-dir", type=Path, default=REPO_ROOT / "artifacts" / "runs")
-    p.add_argument("--best-dir", type=Path, default=REPO_ROOT / "artifacts" / "best")
-    p.add_argument("--reports-dir", type=Path, default=REPO_ROOT / "reports")
+    p.add_argument("--runs-dir", type=Path, default=C.RUNS_DIR)
+    p.add_argument("--best-dir", type=Path, default=C.BEST_DIR)
+    p.add_argument("--reports-dir", type=Path, default=C.REPORTS_DIR)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--reuse", action="store_true", help="reuse a finished run whose config is identical")
     p.add_argument("--publish", type=Path, metavar="DOCS_DIR", help="only copy the report to DOCS_DIR")

@@ -13,9 +13,9 @@ from pathlib import Path
 import numpy as np
 
 from handlers import preprocess
+from handlers.constants import DATA_DIR
 from handlers.schemas import CLASS_NAMES
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 SPLITS = ("train", "val", "test")
 MIN_DATASET_SIDE = 8  # MedMNIST's classic images are 28x28; requests keep preprocess.MIN_SIDE
 IMAGE_SUFFIXES = (".jpeg", ".jpg", ".png")
@@ -23,7 +23,7 @@ IMAGE_SUFFIXES = (".jpeg", ".jpg", ".png")
 
 def default_data_dir() -> Path:
     """DATA_DIR from the environment, else ../shared/data/chest_xray beside the repository."""
-    return Path(os.environ.get("DATA_DIR", REPO_ROOT.parent / "shared" / "data" / "chest_xray"))
+    return Path(os.environ.get("DATA_DIR", DATA_DIR))
 
 
 def list_image_folder(data_dir: Path, split: str) -> list[tuple[Path, int]]:

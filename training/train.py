@@ -22,12 +22,13 @@ from pydantic import BaseModel, ConfigDict, Field
 from tqdm import tqdm
 
 from handlers.backends import pneumonia_probability
+from handlers.constants import RUNS_DIR
 from handlers.schemas import CLASS_NAMES, ModelCard
 from training import data as datalib
 from training.metrics import binary_metrics, youden_threshold
 from training.models import arch_args, build_model, count_parameters
 from training.plots import plot_curves
-from training.sources import REPO_ROOT, default_data_dir
+from training.sources import default_data_dir
 
 CHECKPOINT_FORMAT = 1
 
@@ -60,7 +61,7 @@ class TrainConfig(BaseModel):
     limit_train: int | None = Field(default=None, ge=2, description="stratified subset, for quick runs")
     limit_eval: int | None = Field(default=None, ge=2)
     data_dir: Path = Field(default_factory=default_data_dir)
-    out_dir: Path = REPO_ROOT / "artifacts" / "runs"
+    out_dir: Path = RUNS_DIR
     progress: bool | None = None  # None: a bar on a terminal only
 
 
