@@ -3,8 +3,9 @@
 A runner maps a float32 batch [N, 1, H, W] to logits [N, 1] (BCE head) or [N, 2] (CE head);
 `pneumonia_probability` turns either into the uncalibrated P(PNEUMONIA). `runner.run(batch)` gives
 the logits and the out-of-distribution score [N] that models exported with a detector output as
-well (None for a model without one); handlers/trust.py turns both into the served answer. The model's ModelCard rides inside
-the file (ONNX metadata_props / TorchScript extra file) and is read back here.
+well (None for a model without one); handlers/trust.py turns both into the served answer. The
+model's ModelCard rides inside the file (ONNX metadata_props / TorchScript extra file) and is read
+back here.
 """
 
 from __future__ import annotations
