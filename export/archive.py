@@ -28,7 +28,14 @@ import yaml
 
 from handlers import constants as C
 from handlers.backends import ModelFileError, load_runner
-from handlers.constants import EXPLAINER_NAME, MANIFEST_PATH, MODEL_CONFIG_NAME, MODEL_NAME, MODEL_SUFFIX
+from handlers.constants import (
+    EXPLAINER_NAME,
+    EXPLAINER_SUFFIX,
+    MANIFEST_PATH,
+    MODEL_CONFIG_NAME,
+    MODEL_NAME,
+    MODEL_SUFFIX,
+)
 from handlers.torchserve import read_manifest
 
 HANDLERS_DIR = C.REPO_ROOT / "handlers"
@@ -46,8 +53,9 @@ def model_config(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def stage_explainer(stage: Path, export_dir: Path, model: str) -> list[str]:
-    """STAGE/explainer.pt: the TorchScript model, which has gradients for Grad-CAM (ONNX has none)."""
-    src = export_dir / f"{model}{MODEL_SUFFIX['torchscript']}"
+    """STAGE/explainer.pt: the plain TorchScript model, which has gradients for Grad-CAM (ONNX has none)
+    and the CNN's forward_features/forward_head (the served, guarded model has not)."""
+    src = export_dir / f"{model}{EXPLAINER_SUFFIX}"
     if not src.is_file():
         raise ArchiveError(f"no {src}: the archive carries the TorchScript model for explanations")
     stage.mkdir(parents=True, exist_ok=True)
