@@ -154,7 +154,9 @@ def format_line(family: str, report: dict[str, Any]) -> str:
     verdict = "PASS" if report["passed"] else "FAIL"
     return (f"{verdict} {family:<8} n={report['n_images']:<4} |ts-eager|={report['max_abs_diff_torchscript']:.2e} "
             f"|onnx-eager|={report['max_abs_diff_onnx']:.2e} labels_identical={report['labels_identical']} "
-            f"t={report['threshold']:.3f} acc={m['accuracy']:.4f} auc={_fmt(m['roc_auc'])}")
+            f"t={report['threshold']:.3f} acc={m['accuracy']:.4f} auc={_fmt(m['roc_auc'])}"
+            + (f" ood |rel|={max(report['ood_max_rel_diff_onnx'], report['ood_max_rel_diff_torchscript']):.1e} "
+               f"refused={report['ood_refused']:.2%}" if "ood_passed" in report else ""))
 
 
 def _fmt(v: float | None) -> str:

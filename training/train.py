@@ -23,9 +23,11 @@ from tqdm import tqdm
 
 from handlers.backends import pneumonia_probability
 from handlers.constants import RUNS_DIR
-from handlers.schemas import CLASS_NAMES, ModelCard
+from handlers.schemas import CLASS_NAMES, Calibration, ModelCard
+from handlers.trust import calibrated, margin_of
 from training import data as datalib
-from training.metrics import binary_metrics, youden_threshold
+from training import trust
+from training.metrics import binary_metrics
 from training.models import arch_args, build_model, count_parameters
 from training.plots import plot_curves
 from training.sources import default_data_dir
@@ -105,8 +107,11 @@ def predict(model: torch.nn.Module, x: torch.Tensor, head: str, batch: int = 256
 
 
 def evaluate(model: torch.nn.Module, split: datalib.Split, cfg: TrainConfig, criterion: torch.nn.Module,
-             threshold: float = 0.5) -> dict[str, float]:
+             threshold: float = 0.5, calibration: Calibration | None = None) -> dict[str, float]:
+    """Metrics at THRESHOLD on the probability the server gives: calibrated when CALIBRATION is given."""
     prob, logits = predict(model, split.x, cfg.head)
+    if calibration is not None:
+        prob = calibrated(margin_of(logits.numpy(), cfg.head), calibration)
     out = binary_metrics(split.y.numpy(), prob, threshold)
     out["loss"] = float(criterion(logits, loss_target(cfg, split.y)))
     return out
@@ -194,23 +199,26 @@ def train(cfg: TrainConfig, data: dict[str, Any] | None = None) -> dict[str, Any
 
     final = {s: evaluate(model, data[s], cfg, criterion)["accuracy"] for s in ("val", "test")}
     model.load_state_dict(best_state)
-    val_prob, _ = predict(model, val_split.x, cfg.head)
-    threshold = youden_threshold(val_split.y.numpy(), val_prob) if cfg.tune_threshold else 0.5
-    val_metrics = evaluate(model, val_split, cfg, criterion, threshold)
-    test_metrics = evaluate(model, data["test"], cfg, criterion, threshold)
+    # The OOD detector, Platt scaling and the operating points (training/trust.py); the card's
+    # threshold is the default point's, on the calibrated probability the server gives.
+    fitted = trust.fit(model, data, cfg.head, tune=cfg.tune_threshold)
+    threshold = fitted.threshold
+    val_metrics = evaluate(model, val_split, cfg, criterion, threshold, fitted.calibration)
+    test_metrics = evaluate(model, data["test"], cfg, criterion, threshold, fitted.calibration)
     card = ModelCard(name=cfg.name, arch=cfg.arch, arch_args=args, head=cfg.head, input_size=cfg.input_size,
-                     mean=mean, std=std, class_names=CLASS_NAMES, threshold=threshold,
+                     mean=mean, std=std, class_names=CLASS_NAMES,
                      val_metrics=_floats(val_metrics), test_metrics=_floats(test_metrics), seed=cfg.seed,
-                     versions={"torch": torch.__version__})
+                     versions={"torch": torch.__version__}, **fitted.card_fields())
     checkpoint = {"format": CHECKPOINT_FORMAT, "card": card.model_dump(mode="json"),
-                  "config": cfg.model_dump(mode="json"), "state_dict": best_state, "history": history}
+                  "config": cfg.model_dump(mode="json"), "state_dict": best_state, "history": history,
+                  "ood": fitted.ood_state}
     torch.save(checkpoint, run_dir / "best.pt")
     result = {"name": cfg.name, "config": cfg.model_dump(mode="json"), "params": count_parameters(model),
               "train_seconds": round(train_seconds, 2), "epochs_run": len(history), "best_epoch": best_epoch,
               "threshold": threshold, "val": val_metrics, "test": test_metrics,
               "final_val_accuracy": final["val"], "final_test_accuracy": final["test"],
               "best_val_accuracy_at_0.5": next(h["val_accuracy"] for h in history if h["epoch"] == best_epoch),
-              "checkpoint": str(run_dir / "best.pt")}
+              "trust": trust.summary(fitted, model, data, cfg.head), "checkpoint": str(run_dir / "best.pt")}
     (run_dir / "history.json").write_text(json.dumps(history, indent=1))
     (run_dir / "metrics.json").write_text(json.dumps(result, indent=1))
     plot_curves(history, run_dir / "curves.png", title=f"{cfg.name}: {cfg.arch}/{cfg.head} @{cfg.input_size}px")

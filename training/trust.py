@@ -31,6 +31,7 @@ class TrustFit:
     gate: OodGate
     ood_state: dict[str, Any]
     report: dict[str, Any] = field(default_factory=dict)
+    detector: ood.Detector | None = None
 
     @property
     def threshold(self) -> float:
@@ -59,8 +60,9 @@ def detector_from_state(state: dict[str, Any]) -> ood.Detector:
     return ood.Detector(layers, bool(state["two_sided"]), float(state["threshold"]), use=list(state["use"]))
 
 
-def fit(model: nn.Module, data: dict[str, Any], head: str) -> TrustFit:
-    """Fit the detector (train statistics, validation threshold), Platt scaling and the operating points."""
+def fit(model: nn.Module, data: dict[str, Any], head: str, tune: bool = True) -> TrustFit:
+    """Fit the detector (train statistics, validation threshold), Platt scaling and the operating points.
+    TUNE False keeps the default point at 0.5 (the course's untuned runs)."""
     y_train, y_val = data["train"].y.numpy(), data["val"].y.numpy()
     _, train_feats = ood.extract(model, data["train"].x)
     val_logits, val_feats = ood.extract(model, data["val"].x)
@@ -72,13 +74,15 @@ def fit(model: nn.Module, data: dict[str, Any], head: str) -> TrustFit:
     raw_val = calibrated(margin, None)
     platt = platt.model_copy(update={"val_ece": cal.ece(y_val, p_val), "val_brier": cal.brier(y_val, p_val)})
     points = cal.fit_operating_points(y_val, p_val)
+    if not tune:
+        points[DEFAULT_POINT] = OperatingPoint(threshold=0.5, description="untuned: 0.5")
     gate = OodGate(method="mahalanobis", threshold=det.threshold, layers=[s.name for s in det.layers],
                    two_sided=det.two_sided, val_quantile=ood.VAL_QUANTILE)
     val_scores = det.score(val_feats)
     report = {"val_ece_uncalibrated": cal.ece(y_val, raw_val), "val_ece": platt.val_ece,
               "val_brier_uncalibrated": cal.brier(y_val, raw_val), "val_brier": platt.val_brier,
               "val_ood_refused": float(np.mean(val_scores > det.threshold))}
-    return TrustFit(platt, points, gate, detector_state(det), report)
+    return TrustFit(platt, points, gate, detector_state(det), report, det)
 
 
 def guarded(model: nn.Module, ckpt: dict[str, Any]) -> nn.Module:
@@ -87,13 +91,23 @@ def guarded(model: nn.Module, ckpt: dict[str, Any]) -> nn.Module:
     return ood.Guarded(model, detector_from_state(state)).eval() if state else model.eval()
 
 
-def split_report(fitted: TrustFit, y: np.ndarray, logits: np.ndarray, head: str,
-                 ood_scores: np.ndarray | None = None) -> dict[str, Any]:
-    """Calibration and the metrics at each operating point on one split (test, in finish)."""
+def split_report(fitted: TrustFit, model: nn.Module, split: Any, head: str) -> dict[str, Any]:
+    """Calibration, the metrics at each operating point and the OOD refusals on one split."""
+    logits, feats = ood.extract(model, split.x)
+    y = split.y.numpy()
     prob = fitted.probability(logits, head)
-    out: dict[str, Any] = {"ece": cal.ece(y, prob), "brier": cal.brier(y, prob),
-                           "ece_uncalibrated": cal.ece(y, calibrated(margin_of(logits, head), None)),
+    raw = calibrated(margin_of(logits, head), None)
+    out: dict[str, Any] = {"ece": cal.ece(y, prob), "brier": cal.brier(y, prob), "ece_uncalibrated": cal.ece(y, raw),
+                           "brier_uncalibrated": cal.brier(y, raw),
                            "points": cal.metrics_at_points(y, prob, fitted.points)}
-    if ood_scores is not None:
-        out["ood_refused"] = float(np.mean(ood_scores > fitted.gate.threshold))
+    if fitted.detector is not None:
+        out["ood_refused"] = float(np.mean(fitted.detector.score(feats) > fitted.gate.threshold))
     return out
+
+
+def summary(fitted: TrustFit, model: nn.Module, data: dict[str, Any], head: str) -> dict[str, Any]:
+    """What metrics.json records: the fitted values and the validation and test figures."""
+    return {"calibration": fitted.calibration.model_dump(), "ood_threshold": fitted.gate.threshold,
+            "operating_points": {k: v.model_dump() for k, v in fitted.points.items()},
+            "val": split_report(fitted, model, data["val"], head),
+            "test": split_report(fitted, model, data["test"], head)}
