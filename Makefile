@@ -13,7 +13,7 @@ URL ?= $(call CONST,INFERENCE_URL)
 SPLIT ?= test
 BACKEND ?= onnxruntime
 
-.PHONY: setup java test lint train experiments export archive serve stop evaluate bench soak clean help \
+.PHONY: setup java test lint train experiments export archive serve stop evaluate ood bench soak clean help \
 	docker-build docker-run docker-test
 
 help:
@@ -58,6 +58,9 @@ stop: setup ## stop TorchServe
 
 evaluate: setup ## every image of SPLIT through the live endpoint -> reports/evaluate/
 	$(PY) -m serving.evaluate --url $(URL) --split $(SPLIT) $(if $(EXPECT),--expect $(EXPECT),)
+
+ood: setup ## non-radiographs made by code, border cases and SPLIT's radiographs through the live endpoint -> reports/ood/
+	$(PY) -m serving.ood_report --url $(URL) --split $(SPLIT)
 
 bench: setup ## in-process limit vs live endpoint at concurrency 1/8/32/64 -> reports/bench.md
 	@command -v wrk >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk; } \

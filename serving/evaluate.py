@@ -29,6 +29,7 @@ import numpy as np
 
 from handlers import constants as C
 from handlers.schemas import CLASS_NAMES
+from serving import trust_report
 from serving.client import Body, Result, XrayClient, XrayHTTPError, XrayUnavailable
 from training.metrics import binary_metrics
 from training.plots import plot_confusion, plot_roc
@@ -107,13 +108,19 @@ async def collect(client: XrayClient, items: list[Item], url: str) -> tuple[dict
     return results, time.perf_counter() - t0
 
 
-def compare(expect_path: Path, served: dict[str, float], threshold: float, tolerance: float) -> dict[str, Any]:
-    """Served vs offline (export's predictions_*.json) P(PNEUMONIA), by file name."""
+def compare(expect_path: Path, served: dict[str, float], threshold: float, tolerance: float,
+            refused: set[str] | None = None) -> dict[str, Any]:
+    """Served vs offline (export's predictions_*.json) P(PNEUMONIA), by file name; and the OOD gate's
+    decisions: an image refused live must be refused offline, and the other way round."""
+    refused = refused or set()
     try:
         offline_doc = json.loads(Path(expect_path).read_text())
         offline = {p["file"]: float(p["probability"]) for p in offline_doc["predictions"]}
+        offline_refused = {p["file"] for p in offline_doc["predictions"] if p.get("refused")}
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise EvaluateError(f"--expect {expect_path}: not an export predictions file: {exc}", 2) from None
+    sent = set(served) | refused
+    refusal_mismatches = sorted((refused ^ offline_refused) & sent & set(offline))
     common = sorted(set(offline) & set(served))
     if not common:
         raise EvaluateError(f"--expect {expect_path}: none of its files was served (wrong split or data dir?)", 1)
@@ -124,7 +131,8 @@ def compare(expect_path: Path, served: dict[str, float], threshold: float, toler
     return {"path": str(expect_path), "model": offline_doc.get("model"), "threshold": offline_thr,
             "threshold_matches": offline_thr is None or abs(float(offline_thr) - threshold) <= 1e-9,
             "tolerance": tolerance, "compared": len(common), "not_served": len(set(offline) - set(served)),
-            "max_abs_diff": max(diffs.values()), "mismatches": mismatches}
+            "max_abs_diff": max(diffs.values()), "mismatches": mismatches,
+            "refused_live": len(refused), "refusal_mismatches": refusal_mismatches}
 
 
 def percentiles(latencies_s: list[float]) -> dict[str, float]:
@@ -133,9 +141,13 @@ def percentiles(latencies_s: list[float]) -> dict[str, float]:
         "mean": round(float(ms.mean()), 2), "max": round(float(ms.max()), 2)}
 
 
-def build_report(items: list[Item], results: dict[str, Result], wall_s: float, args: argparse.Namespace) -> dict:
+def build_report(items: list[Item], results: dict[str, Result], wall_s: float, args: argparse.Namespace,
+                 point_thresholds: dict[str, float] | None = None) -> dict:
     answered = [(name, label) for name, _, label in items if results[name].ok]
-    unanswered = [{"file": name, "error": str(results[name].error)} for name, _, _ in items if not results[name].ok]
+    # A radiograph the OOD gate refused was answered (422 not_chest_xray): a false refusal, not a failure.
+    refused = [name for name, _, _ in items if trust_report.is_ood_refusal(results[name])]
+    unanswered = [{"file": name, "error": str(results[name].error)} for name, _, _ in items
+                  if not results[name].ok and name not in refused]
     preds = [results[name].prediction for name, _ in answered]
     y = np.asarray([label for _, label in answered])
     prob = np.asarray([p.probability for p in preds])
@@ -155,6 +167,7 @@ def build_report(items: list[Item], results: dict[str, Result], wall_s: float, a
         "throughput_rps": round(len(items) / wall_s, 2), "wall_s": round(wall_s, 2),
         "concurrency": args.concurrency, "requests_sent": sum(attempts),
         "retried_images": sum(a > 1 for a in attempts),
+        "trust": trust_report.section(y, prob, point_thresholds or {}, refused, len(items)),
         "predictions": [{"file": name, "label": label, "probability": p.probability, "predicted": p.label,
                          "latency_ms": round(results[name].latency_s * 1000, 2),
                          "attempts": results[name].attempts} for (name, label), p in zip(answered, preds, strict=True)],
@@ -171,10 +184,12 @@ def table(report: dict) -> list[tuple[str, str]]:
     rows += [("confusion [tn fp; fn tp]", f"[{m['tn']} {m['fp']}; {m['fn']} {m['tp']}]"),
              ("latency p50 / p95 / p99", f"{lat['p50']:.1f} / {lat['p95']:.1f} / {lat['p99']:.1f} ms"),
              ("throughput", f"{report['throughput_rps']:.1f} img/s at concurrency {report['concurrency']}")]
+    rows += trust_report.rows(report["trust"])
     if "expect" in report:
         e = report["expect"]
         rows.append(("served vs offline", f"{e['compared']} compared, max abs diff {e['max_abs_diff']:.2e}, "
-                     f"{len(e['mismatches'])} over {e['tolerance']:g}"))
+                     f"{len(e['mismatches'])} over {e['tolerance']:g}; OOD refusals {e['refused_live']}, "
+                     f"{len(e['refusal_mismatches'])} differ"))
     return rows
 
 
@@ -190,12 +205,13 @@ def write_outputs(report: dict, out_dir: Path) -> None:
         lines += ["", "## Served vs offline mismatches", ""]
         lines += [f"- {m['file']}: served {m['served']:.6f}, offline {m['offline']:.6f}"
                   for m in report["expect"]["mismatches"][:50]]
-    lines += ["", "![ROC](roc.png) ![confusion](confusion.png)", ""]
+    lines += ["", "![ROC](roc.png) ![reliability](reliability.png) ![confusion](confusion.png)", ""]
     (out_dir / "evaluate.md").write_text("\n".join(lines))
     y = np.asarray([p["label"] for p in report["predictions"]])
     prob = np.asarray([p["probability"] for p in report["predictions"]])
     if len(np.unique(y)) == 2:
         plot_roc(y, prob, out_dir / "roc.png", title=f"ROC (served, {report['split']})")
+        trust_report.draw(y, prob, out_dir / "reliability.png", report["split"])
     pred = (prob >= report["threshold"]).astype(int)
     plot_confusion(y, pred, out_dir / "confusion.png", title=f"served, threshold {report['threshold']:.3f}")
 
@@ -203,27 +219,40 @@ def write_outputs(report: dict, out_dir: Path) -> None:
 def evaluate(args: argparse.Namespace) -> int:
     items = stratified(list_items(args.data_dir, args.split), args.limit)
 
-    async def run() -> tuple[dict[str, Result], float]:
+    async def run() -> tuple[dict[str, Result], float, dict[str, float]]:
         async with XrayClient(args.url, args.token, args.key_file, concurrency=args.concurrency,
                               timeout=args.timeout, retries=args.retries) as client:
-            return await collect(client, items, args.url)
+            results, wall_s = await collect(client, items, args.url)
+            # Each operating point's threshold as the server applies it: one answered image, once per point.
+            body = next((b for name, b, _ in items if results[name].ok), None)
+            if body is None:
+                return results, wall_s, {}
+            data = body.read_bytes() if isinstance(body, Path) else body
+            return results, wall_s, await trust_report.point_thresholds(client, data)
 
-    results, wall_s = asyncio.run(run())
+    results, wall_s, points = asyncio.run(run())
     if not any(r.ok for r in results.values()):
         raise EvaluateError(f"no image was answered; first error: {next(iter(results.values())).error}", 1)
-    report = build_report(items, results, wall_s, args)
+    report = build_report(items, results, wall_s, args, points)
     if args.expect:
         served = {p["file"]: p["probability"] for p in report["predictions"]}
-        report["expect"] = compare(args.expect, served, report["threshold"], args.tolerance)
+        report["expect"] = compare(args.expect, served, report["threshold"], args.tolerance,
+                                   set(report["trust"]["ood_refused_radiographs"]))
     write_outputs(report, args.out_dir)
     width = max(len(k) for k, _ in table(report))
     print("\n".join(f"{k:<{width}}  {v}" for k, v in table(report)))
-    print(f"wrote {args.out_dir}/evaluate.json, evaluate.md, roc.png, confusion.png")
-    return check(report, args.min_accuracy)
+    print(f"wrote {args.out_dir}/evaluate.json, evaluate.md, roc.png, reliability.png, confusion.png")
+    return check(report, args.min_accuracy, args.max_false_refusal)
 
 
-def check(report: dict, min_accuracy: float | None) -> int:
+def check(report: dict, min_accuracy: float | None, max_false_refusal: float | None = None) -> int:
     failures = []
+    rate = report["trust"]["false_refusal_rate"]
+    if max_false_refusal is not None and rate > max_false_refusal:
+        failures.append(f"the OOD gate refused {rate:.2%} of the radiographs > --max-false-refusal {max_false_refusal}")
+    if report["served_label_disagrees_with_threshold"]:
+        failures.append(f"{report['served_label_disagrees_with_threshold']} served labels disagree with their "
+                        "probability and threshold")
     if report["unanswered"]:
         names = ", ".join(u["file"] for u in report["unanswered"][:20])
         failures.append(f"{len(report['unanswered'])} image(s) unanswered: {names}")
@@ -235,6 +264,9 @@ def check(report: dict, min_accuracy: float | None) -> int:
         names = ", ".join(f"{m['file']} ({m['diff']:.2e})" for m in expect["mismatches"][:10])
         failures.append(f"{len(expect['mismatches'])} served probabilities differ from {expect['path']} by more "
                         f"than {expect['tolerance']:g}: {names}")
+    if expect and expect["refusal_mismatches"]:
+        failures.append(f"{len(expect['refusal_mismatches'])} images refused live but not offline or the other way "
+                        f"round: {', '.join(expect['refusal_mismatches'][:10])}")
     if expect and not expect["threshold_matches"]:
         failures.append(f"served threshold {report['threshold']} != offline threshold {expect['threshold']}")
     for failure in failures:
@@ -250,6 +282,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--concurrency", type=int, default=16)
     p.add_argument("--limit", type=int, help="send at most N images, stratified by class (CI)")
     p.add_argument("--min-accuracy", type=float)
+    p.add_argument("--max-false-refusal", type=float, help="fail when the OOD gate refuses more radiographs (0.01)")
     p.add_argument("--expect", type=Path, help="export's predictions_*.json to compare probabilities with")
     p.add_argument("--tolerance", type=float, default=1e-5)
     p.add_argument("--out-dir", type=Path, default=DEFAULT_OUT)
