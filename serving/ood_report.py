@@ -28,12 +28,13 @@ from typing import Any
 
 import numpy as np
 
+from handlers import constants as C
 from serving.client import Result, XrayClient, XrayHTTPError, XrayUnavailable
 from serving.trust_report import REFUSAL_TYPE
 from training.ood_images import border_cases, encode_png, ood_set
-from training.sources import REPO_ROOT, default_data_dir, list_image_folder
+from training.sources import default_data_dir, list_image_folder
 
-DEFAULT_OUT = REPO_ROOT / "reports" / "ood"
+DEFAULT_OUT = C.REPORTS_DIR / "ood"
 
 
 def outcome(result: Result) -> tuple[str, float | None]:
@@ -161,7 +162,7 @@ def plot(rep: dict[str, Any], path: Path, threshold: float | None) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--url", default="http://127.0.0.1:8080")
+    p.add_argument("--url", default=C.INFERENCE_URL)
     p.add_argument("--data-dir", type=Path, default=None)
     p.add_argument("--split", default="test")
     p.add_argument("--limit", type=int, default=None, help="radiographs to send (default: the whole split)")
