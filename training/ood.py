@@ -165,12 +165,6 @@ class Detector:
         """The OOD score of each image from ALL the model's layer features (extract's order)."""
         return self.layer_scores([feats[k] for k in self.use]).max(1)
 
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-safe summary (the card keeps this much; the matrices travel as model buffers)."""
-        return {"method": "mahalanobis", "layers": [s.name for s in self.layers], "two_sided": self.two_sided,
-                "threshold": self.threshold, "val_quantile": VAL_QUANTILE,
-                "loc": [s.loc for s in self.layers], "scale": [s.scale for s in self.layers]}
-
 
 def fit_detector(train_feats: list[np.ndarray], y_train: np.ndarray, val_feats: list[np.ndarray],
                  names: list[str], use: list[int] | None = None, two_sided: bool = True,
