@@ -13,7 +13,7 @@ URL ?= $(call CONST,INFERENCE_URL)
 SPLIT ?= test
 BACKEND ?= onnxruntime
 
-.PHONY: setup java test lint train experiments export archive serve stop evaluate ood bench soak clean help \
+.PHONY: setup java test test-fast lint train experiments export archive serve stop evaluate ood bench soak clean help \
 	docker-build docker-run docker-test
 
 help:
@@ -34,10 +34,14 @@ test: setup ## lint, then the whole test suite (starts a real TorchServe)
 	$(VENV)/bin/ruff check .
 	$(PY) -m pytest -q
 
+test-fast: setup ## lint, then every test that neither trains nor serves (< 1 min)
+	$(VENV)/bin/ruff check .
+	$(PY) -m pytest -q -m "not server and not slow and not pipeline"
+
 lint: ## ruff
 	$(VENV)/bin/ruff check .
 
-train: setup ## train the default set; best BCE-MLP, CE-MLP and CNN -> artifacts/best/
+train: setup ## train the default set; best BCE-MLP, CE-MLP and XrayNet -> artifacts/best/
 	$(PY) -m training.experiments --study default
 
 experiments: setup ## every course study -> reports/experiments.md (QUICK=1 for the CI-sized grids)

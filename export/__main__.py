@@ -22,8 +22,8 @@ from export.cards import export_card
 from export.onnx_export import export_onnx
 from export.torchscript import export_torchscript
 from handlers.constants import BEST_DIR, EXPLAINER_SUFFIX, EXPORT_DIR
+from training.checkpoint import load_checkpoint
 from training.sources import default_data_dir
-from training.train import load_checkpoint
 from training.trust import guarded
 
 DEFAULT_BEST = BEST_DIR

@@ -1,6 +1,6 @@
 """python -m export.archive: an exported model + the handlers package -> MODEL_STORE/xray.mar.
 
-    python -m export.archive [--export-dir artifacts/export] [--model cnn]
+    python -m export.archive [--export-dir artifacts/export] [--model xraynet]
                              [--backend onnxruntime|torchscript] [--model-store model_store]
                              [--batch-size 8] [--max-batch-delay 10] [--min-workers 1] [--max-workers 1]
                              [--response-timeout 60] [--threads 0] [--version V]
@@ -139,7 +139,8 @@ def build(args: argparse.Namespace) -> dict[str, Any]:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--export-dir", type=Path, default=C.EXPORT_DIR)
-    p.add_argument("--model", default=C.DEFAULT_FAMILY, help="family: cnn, mlp_bce, mlp_ce (a file in --export-dir)")
+    p.add_argument("--model", default=C.DEFAULT_FAMILY,
+                   help="family: xraynet, mlp_bce, mlp_ce (a file in --export-dir)")
     p.add_argument("--backend", choices=sorted(MODEL_SUFFIX), default=C.DEFAULT_BACKEND)
     p.add_argument("--model-store", type=Path, default=C.MODEL_STORE)
     # Defaults tuned with `make bench` (see handlers/constants.py and README, "Tuning").

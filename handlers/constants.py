@@ -50,7 +50,7 @@ IMAGE = "xray-serve:latest"
 # The archive (export.archive). Defaults tuned with `make bench` on the 2-core CPU machine (README,
 # "Tuning"): two single-threaded workers keep both cores busy; a 2 ms delay keeps a lone request
 # fast while a queue still fills batches of 8 at once. On a GPU host: one worker per GPU, threads 0.
-DEFAULT_FAMILY = "cnn"
+DEFAULT_FAMILY = "xraynet"  # our CNN; "cnn" is the course CNN architecture
 DEFAULT_BACKEND = "onnxruntime"
 MODEL_SUFFIX = {"onnxruntime": ".onnx", "torchscript": ".torchscript.pt"}
 MANIFEST_PATH = "MAR-INF/MANIFEST.json"

@@ -2,7 +2,7 @@
 
     python -m serving.bench [--url INFERENCE_URL] [--metrics-url METRICS_URL] [--start]
                             [--load wrk|httpx] [--seconds 10] [--concurrency 1,8,32,64]
-                            [--model cnn.onnx | --mar model_store/xray.mar] [--out reports]
+                            [--model xraynet.onnx | --mar model_store/xray.mar] [--out reports]
 
 (a) In process: decode + handlers.preprocess + ONNX Runtime (handlers.backends.load_runner) on the
     same image bytes: single-image latency, and throughput in batches of the server's batch size.
@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import re
 import shutil
 import subprocess
 import sys
@@ -31,7 +30,6 @@ import zipfile
 from pathlib import Path
 from typing import Any
 
-import httpx
 import numpy as np
 
 from handlers import constants as C
@@ -40,7 +38,7 @@ from handlers.preprocess import preprocess
 from handlers.torchserve import read_manifest, read_model_config
 from serving import launcher
 from serving.client import XrayClient, XrayError
-from serving.evaluate import list_items, stratified
+from serving.load import endpoint_level, load_bodies, metric_sum, percentiles_ms
 from serving.settings import ServeSettings
 from training.sources import default_data_dir
 
@@ -50,22 +48,12 @@ THROUGHPUT_TARGET = 0.7
 LATENCY_FACTOR, LATENCY_SLACK_MS = 1.5, 5.0
 
 
-def ms(values: list[float], q: float) -> float:
-    return round(float(np.percentile(np.asarray(values) * 1000, q)), 2) if values else float("nan")
-
-
 def model_from_mar(mar: Path, into: Path) -> tuple[Path, int | None]:
     """The serialized model (extracted into `into`) and batchSize of a .mar."""
     name = read_manifest(mar)["model"]["serializedFile"]
     with zipfile.ZipFile(mar) as z:
         z.extract(name, into)
     return into / name, read_model_config(mar).get("batchSize")
-
-
-def load_bodies(data_dir: Path, n: int) -> list[bytes]:
-    """n test images of both classes, as the bytes a client would send."""
-    items = stratified(list_items(data_dir, "test"), n)
-    return [body.read_bytes() if isinstance(body, Path) else body for _, body, _ in items]
 
 
 def in_process(model: Path, bodies: list[bytes], batch_size: int, passes: int = 3) -> dict[str, Any]:
@@ -89,44 +77,9 @@ def in_process(model: Path, bodies: list[bytes], batch_size: int, passes: int = 
             run(bodies[i : i + batch_size])
     batched_s = time.perf_counter() - t0
     return {"model": str(model), "card": card.name, "batch_size": batch_size, "images": len(bodies) * passes,
-            "single_p50_ms": ms(single, 50), "single_p99_ms": ms(single, 99),
+            "single_p50_ms": percentiles_ms(single)["p50"], "single_p99_ms": percentiles_ms(single)["p99"],
             "single_rps": round(len(single) / sum(single), 2),
             "throughput_rps": round(len(bodies) * passes / batched_s, 2)}
-
-
-def metric_sum(metrics_url: str, name: str) -> float | None:
-    try:
-        text = httpx.get(f"{metrics_url.rstrip('/')}/metrics", timeout=10).text
-    except httpx.HTTPError:
-        return None
-    values = [float(m.group(1)) for m in re.finditer(rf"^{name}{{[^}}]*}} ([0-9.eE+-]+)$", text, re.M)]
-    return sum(values) if values else None
-
-
-async def endpoint_level(client: XrayClient, bodies: list[bytes], requests: int, seconds: float) -> dict[str, Any]:
-    latencies: list[float] = []
-    errors: list[str] = []
-    sent = 0
-    deadline = time.perf_counter() + seconds
-
-    async def worker() -> None:
-        nonlocal sent
-        while sent < requests and time.perf_counter() < deadline:
-            body = bodies[sent % len(bodies)]
-            sent += 1
-            t0 = time.perf_counter()
-            try:
-                await client.predict(body)
-                latencies.append(time.perf_counter() - t0)
-            except XrayError as exc:
-                errors.append(str(exc))
-
-    t0 = time.perf_counter()
-    await asyncio.gather(*(worker() for _ in range(client.concurrency)))
-    wall = time.perf_counter() - t0
-    return {"concurrency": client.concurrency, "requests": sent, "errors": len(errors), "wall_s": round(wall, 2),
-            "throughput_rps": round(len(latencies) / wall, 2), "p50_ms": ms(latencies, 50),
-            "p99_ms": ms(latencies, 99), "first_error": errors[0] if errors else None}
 
 
 # wrk cycles through the same image bodies; done() prints the exact percentiles as one JSON line.

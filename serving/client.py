@@ -33,7 +33,7 @@ import httpx
 from pydantic import ValidationError
 from tqdm import tqdm
 
-from handlers.constants import INFERENCE_URL
+from handlers.constants import INFERENCE_URL, MODEL_NAME
 from handlers.preprocess import sniff
 from handlers.schemas import ErrorBody, Explanation, Prediction
 from handlers.trust import OPERATING_POINT_HEADER
@@ -100,7 +100,7 @@ def content_type_for(body: bytes) -> str:
     return CONTENT_TYPES.get(sniff(body), "application/octet-stream")
 
 
-def endpoint(url: str, model: str = settings.MODEL_NAME) -> str:
+def endpoint(url: str, model: str = MODEL_NAME) -> str:
     url = url.rstrip("/")
     return url if "/predictions/" in url else f"{url}/predictions/{model}"
 

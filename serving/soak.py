@@ -24,8 +24,8 @@ import psutil
 
 from handlers import constants as C
 from handlers.torchserve import list_workers
-from serving.bench import endpoint_level, load_bodies
 from serving.client import XrayClient
+from serving.load import endpoint_level, load_bodies
 from serving.settings import token
 from training.sources import default_data_dir
 

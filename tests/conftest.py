@@ -77,3 +77,14 @@ def server(tmp_path_factory: pytest.TempPathFactory, model_store: Path) -> Itera
         yield settings
     finally:
         launcher.stop(settings)
+
+
+# Fixtures that train (the CI-sized pipeline, test_training's tiny runs) or start a server.
+PIPELINE_FIXTURES = {"best_dir", "export_dir", "model_store", "server", "tiny_data", "tiny_run"}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark every test that trains or serves, so `make test-fast` can leave them out."""
+    for item in items:
+        if PIPELINE_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.pipeline)

@@ -38,15 +38,15 @@ def test_default_mar_entries_and_config(model_store: Path, export_dir: Path) -> 
     assert {n for n in names if n.startswith("handlers/")} == {f"handlers/{m}" for m in HANDLER_MODULES}
     assert "preprocess.py" not in names, "handlers/ was flattened into the archive root"
     assert not [n for n in names if "__pycache__" in n or n.endswith(".pyc")]
-    assert {"cnn.onnx", C.MANIFEST_PATH, C.MODEL_CONFIG_NAME, "xray_handler.py", C.EXPLAINER_NAME} <= names
+    assert {"xraynet.onnx", C.MANIFEST_PATH, C.MODEL_CONFIG_NAME, "xray_handler.py", C.EXPLAINER_NAME} <= names
     model = manifest["model"]
-    assert model["modelName"] == C.MODEL_NAME and model["serializedFile"] == "cnn.onnx"
+    assert model["modelName"] == C.MODEL_NAME and model["serializedFile"] == "xraynet.onnx"
     assert model["handler"] == "xray_handler.py" and model["configFile"] == C.MODEL_CONFIG_NAME
-    card = load_runner(export_dir / "cnn.onnx").card
+    card = load_runner(export_dir / "xraynet.onnx").card
     assert model["modelVersion"] == f"{card.version}-{card.checkpoint_sha256[:8]}"
     assert config == DEFAULT_CONFIG | {"maxBatchDelay": 50}  # conftest's model_store passes --max-batch-delay 50
     with zipfile.ZipFile(mar) as z:
-        assert z.read("cnn.onnx") == (export_dir / "cnn.onnx").read_bytes()
+        assert z.read("xraynet.onnx") == (export_dir / "xraynet.onnx").read_bytes()
         assert z.read("handlers/preprocess.py") == (REPO / "handlers" / "preprocess.py").read_bytes()
 
 
@@ -56,7 +56,7 @@ def test_packed_handlers_import_from_the_archive(model_store: Path, tmp_path: Pa
         z.extractall(tmp_path)
     code = ("import sys; sys.path.insert(0, '.'); sys.path.remove(sys.argv[1]) if sys.argv[1] in sys.path else 0\n"
             "import handlers, handlers.preprocess, handlers.backends\n"
-            "print(handlers.__file__); print(handlers.backends.load_runner('cnn.onnx').card.name)")
+            "print(handlers.__file__); print(handlers.backends.load_runner('xraynet.onnx').card.name)")
     proc = subprocess.run([sys.executable, "-c", code, str(REPO)], cwd=tmp_path, capture_output=True, text=True,
                           timeout=120, env={"PATH": "/usr/bin:/bin"})
     assert proc.returncode == 0, proc.stderr
@@ -80,12 +80,13 @@ def test_torchscript_backend_and_options(export_dir: Path, tmp_path: Path,
     assert archive_main(argv) == 0, "an existing archive is replaced"
     assert (store / C.MAR_NAME).stat().st_mtime_ns >= first
     out = capsys.readouterr().out
-    assert "torchscript" in out and "2.0" in out and "cnn" in out
+    assert "torchscript" in out and "2.0" in out and "xraynet" in out
     names, manifest, config = read_mar(store / C.MAR_NAME)
-    assert "cnn.torchscript.pt" in names and "cnn.onnx" not in names
-    assert manifest["model"]["serializedFile"] == "cnn.torchscript.pt" and manifest["model"]["modelVersion"] == "2.0"
+    assert "xraynet.torchscript.pt" in names and "xraynet.onnx" not in names
+    assert manifest["model"]["serializedFile"] == "xraynet.torchscript.pt"
+    assert manifest["model"]["modelVersion"] == "2.0"
     assert config == {"batchSize": 4, "maxBatchDelay": 25, "minWorkers": 1, "maxWorkers": 2, "responseTimeout": 30,
-                      "handler": {"backend": "torchscript", "threads": 2, "explainer": "explainer.pt"}}
+                      "handler": {"backend": "torchscript", "threads": 2, "explainer": C.EXPLAINER_NAME}}
 
 
 def test_missing_model_is_a_clear_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

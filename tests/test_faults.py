@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from handlers.torchserve import READY
-from serving.bench import metric_sum
+from serving.load import metric_sum
 from serving.settings import ServeSettings
 from tests.helpers import REPO, run_cli, workers
 
@@ -39,7 +39,7 @@ def test_a_killed_worker_loses_no_image(server: ServeSettings, export_dir: Path,
     seen = metric_sum(server.metrics_url, "XrayRequests")
     proc = subprocess.Popen(
         [sys.executable, "-m", "serving.evaluate", "--url", server.inference_url, "--key-file", str(server.key_file),
-         "--data-dir", str(data_dir), "--expect", str(export_dir / "predictions_cnn.json"),
+         "--data-dir", str(data_dir), "--expect", str(export_dir / "predictions_xraynet.json"),
          "--out-dir", str(tmp_path), "--concurrency", "16"],
         cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:

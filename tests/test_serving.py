@@ -14,10 +14,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from handlers.constants import REPO_ROOT
+from handlers.constants import MODEL_NAME, REPO_ROOT
 from handlers.schemas import ErrorBody, Prediction
 from serving import launcher
-from serving.bench import metric_sum
+from serving.load import metric_sum
 from serving.settings import ServeSettings
 from tests.helpers import keys, serve_settings
 
@@ -30,8 +30,8 @@ def predict(settings: ServeSettings, body: bytes, token: str | None = "auto", **
         token = keys(settings)["inference"]
     if token:
         headers["Authorization"] = f"Bearer {token}"
-    return httpx.post(f"{settings.inference_url}/predictions/xray", content=body if not kw.get("files") else None,
-                      headers=headers, timeout=60, **kw)
+    return httpx.post(f"{settings.inference_url}/predictions/{MODEL_NAME}",
+                      content=body if not kw.get("files") else None, headers=headers, timeout=60, **kw)
 
 
 def test_png_and_jpeg_answer_with_the_schema(server: ServeSettings, sample_jpeg: bytes) -> None:
@@ -94,7 +94,7 @@ def test_model_api_is_off(server: ServeSettings) -> None:
     headers = {"Authorization": f"Bearer {keys(server)['management']}"}
     r = httpx.post(f"{server.management_url}/models", params={"url": "xray.mar"}, headers=headers, timeout=10)
     assert r.status_code == 405, r.text
-    r = httpx.get(f"{server.management_url}/models/xray", headers=headers, timeout=10)
+    r = httpx.get(f"{server.management_url}/models/{MODEL_NAME}", headers=headers, timeout=10)
     assert r.status_code == 200 and r.json()[0]["batchSize"] == 8
 
 
@@ -111,7 +111,7 @@ def test_committed_config_is_the_rendered_default() -> None:
 
 
 def test_served_probabilities_equal_offline_onnx(server: ServeSettings, export_dir: Path, data_dir: Path) -> None:
-    offline = json.loads((export_dir / "predictions_cnn.json").read_text())["predictions"]
+    offline = json.loads((export_dir / "predictions_xraynet.json").read_text())["predictions"]
     assert len(offline) >= 100
 
     def served(item: dict) -> tuple[dict, httpx.Response]:

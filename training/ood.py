@@ -222,7 +222,7 @@ class Guarded(nn.Module):
         return h, torch.stack(scores, 1).max(1).values
 
 
-# --- measuring it: `python -m training.ood --checkpoint artifacts/best/cnn.pt` -------------------
+# --- measuring it: `python -m training.ood --checkpoint artifacts/best/xraynet.pt` -------------------
 
 def ood_auroc(id_scores: np.ndarray, ood_scores: np.ndarray) -> float:
     """AUROC of telling foreign images (positive) from radiographs by the score."""
@@ -259,8 +259,8 @@ def summarize(det: Detector, feats: dict[str, list[np.ndarray]],
 def study(checkpoint: Path, data_dir: Path) -> dict[str, Any]:
     """Fit detector variants on one checkpoint and measure each on the OOD set, val, test, border cases."""
     from training import data as datalib
+    from training.checkpoint import load_checkpoint
     from training.ood_images import border_cases, ood_set
-    from training.train import load_checkpoint
 
     card, model, _ = load_checkpoint(checkpoint)
     splits = {s: datalib.normalized(datalib.load_split(data_dir, s, card.input_size), card.mean, card.std)

@@ -26,6 +26,21 @@ def default_data_dir() -> Path:
     return Path(os.environ.get("DATA_DIR", DATA_DIR))
 
 
+def stratified_subset(labels: np.ndarray | list[int], n: int, seed: int = 0) -> np.ndarray:
+    """Sorted indices of a seeded subset of about n items with each class in its share, by
+    scikit-learn's train_test_split(stratify=); all indices when n covers everything."""
+    from sklearn.model_selection import train_test_split
+
+    labels = np.asarray(labels)
+    if n >= len(labels):
+        return np.arange(len(labels))
+    # stratify needs two members of each class in the sample; a tiny n or class gets a plain sample
+    counts = np.bincount(labels)
+    stratify = labels if n >= len(counts[counts > 0]) and counts[counts > 0].min() >= 2 else None
+    keep, _ = train_test_split(np.arange(len(labels)), train_size=n, random_state=seed, stratify=stratify)
+    return np.sort(keep)
+
+
 def list_image_folder(data_dir: Path, split: str) -> list[tuple[Path, int]]:
     """SPLIT/NORMAL/*, SPLIT/PNEUMONIA/* -> sorted (path, label) pairs."""
     root = Path(data_dir) / split

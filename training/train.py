@@ -1,4 +1,5 @@
-"""One training run: fit, early stop, keep the best checkpoint by a validation score.
+"""One training run, read top to bottom as torchvision's classification reference:
+train_one_epoch, evaluate, then finish (threshold, card, checkpoint, history, curves).
 
     python -m training.train --arch xraynet --head bce --input-size 128 --epochs 12
     python -m training.train --config run.json          # any TrainConfig field; flags override
@@ -27,12 +28,11 @@ from handlers.schemas import CLASS_NAMES, Calibration, ModelCard
 from handlers.trust import calibrated, margin_of
 from training import data as datalib
 from training import trust
+from training.checkpoint import save_checkpoint
 from training.metrics import binary_metrics
 from training.models import arch_args, build_model, count_parameters
 from training.plots import plot_curves
 from training.sources import default_data_dir
-
-CHECKPOINT_FORMAT = 1
 
 
 class TrainConfig(BaseModel):
@@ -136,108 +136,115 @@ def make_scheduler(cfg: TrainConfig, opt: torch.optim.Optimizer) -> torch.optim.
     return None
 
 
+def train_one_epoch(model: torch.nn.Module, criterion: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                    split: datalib.Split, cfg: TrainConfig, generator: torch.Generator) -> dict[str, float]:
+    """One pass over the shuffled train split; the running loss and accuracy (dropout, augmentation on)."""
+    model.train()
+    order = torch.randperm(len(split), generator=generator)
+    has_batchnorm = any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules())
+    total_loss, correct = 0.0, 0
+    for i in range(0, len(order), cfg.batch_size):
+        idx = order[i : i + cfg.batch_size]
+        if len(idx) < 2 and has_batchnorm:
+            continue  # BatchNorm cannot train on a batch of one
+        x, y = split.x[idx], split.y[idx]
+        if cfg.augment:
+            x = datalib.augment(x, generator)
+        logits = model(x)
+        loss = criterion(logits, loss_target(cfg, y))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        total_loss += float(loss.detach()) * len(idx)
+        pred = (logits[:, 0] > 0) if cfg.head == "bce" else logits.argmax(1).bool()
+        correct += int((pred.long() == y).sum())
+    return {"train_loss": total_loss / len(order), "train_accuracy": correct / len(order)}
+
+
+def make_card(cfg: TrainConfig, args: dict[str, Any], stats: tuple[float, float], fitted: trust.TrustFit,
+              val_metrics: dict[str, Any], test_metrics: dict[str, Any]) -> ModelCard:
+    mean, std = stats
+    return ModelCard(name=cfg.name, arch=cfg.arch, arch_args=args, head=cfg.head, input_size=cfg.input_size,
+                     mean=mean, std=std, class_names=CLASS_NAMES,
+                     val_metrics=_floats(val_metrics), test_metrics=_floats(test_metrics), seed=cfg.seed,
+                     versions={"torch": torch.__version__}, **fitted.card_fields())
+
+
+def write_run(run_dir: Path, cfg: TrainConfig, history: list[dict[str, Any]], result: dict[str, Any]) -> None:
+    """history.json, metrics.json and curves.png beside the checkpoint."""
+    (run_dir / "history.json").write_text(json.dumps(history, indent=1))
+    (run_dir / "metrics.json").write_text(json.dumps(result, indent=1))
+    plot_curves(history, run_dir / "curves.png", title=f"{cfg.name}: {cfg.arch}/{cfg.head} @{cfg.input_size}px")
+
+
+def finish(model: torch.nn.Module, best: dict[str, Any], history: list[dict[str, Any]], data: dict[str, Any],
+           cfg: TrainConfig, criterion: torch.nn.Module, train_seconds: float) -> dict[str, Any]:
+    """After the last epoch: the final weights' accuracy, then for the best weights the OOD detector,
+    calibration and operating points (training/trust.py), card, checkpoint, history and curves.
+    Returns the run's summary (metrics.json), history included."""
+    final = {s: evaluate(model, data[s], cfg, criterion)["accuracy"] for s in ("val", "test")}
+    model.load_state_dict(best["state"])
+    # The card's threshold is the default point's, on the calibrated probability the server gives.
+    fitted = trust.fit(model, data, cfg.head, tune=cfg.tune_threshold)
+    threshold = fitted.threshold
+    val_metrics = evaluate(model, data["val"], cfg, criterion, threshold, fitted.calibration)
+    test_metrics = evaluate(model, data["test"], cfg, criterion, threshold, fitted.calibration)
+    args = arch_args(cfg.arch, cfg.arch_args)
+    card = make_card(cfg, args, data["stats"], fitted, val_metrics, test_metrics)
+    run_dir = Path(cfg.out_dir) / cfg.name
+    run_dir.mkdir(parents=True, exist_ok=True)
+    ckpt = save_checkpoint(run_dir / "best.pt", card, cfg.model_dump(mode="json"), best["state"], history,
+                           ood=fitted.ood_state)
+    result = {"name": cfg.name, "config": cfg.model_dump(mode="json"), "params": count_parameters(model),
+              "train_seconds": round(train_seconds, 2), "epochs_run": len(history), "best_epoch": best["epoch"],
+              "threshold": threshold, "val": val_metrics, "test": test_metrics,
+              "final_val_accuracy": final["val"], "final_test_accuracy": final["test"],
+              "best_val_accuracy_at_0.5": next(h["val_accuracy"] for h in history if h["epoch"] == best["epoch"]),
+              "trust": trust.summary(fitted, model, data, cfg.head), "checkpoint": str(ckpt)}
+    write_run(run_dir, cfg, history, result)
+    return result | {"history": history}
+
+
 def train(cfg: TrainConfig, data: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Run one configuration; return its summary (also written to OUT_DIR/NAME/metrics.json)."""
+    """Run one configuration: seed, fit with early stopping on the validation score, finish.
+    Returns the summary written to OUT_DIR/NAME/metrics.json, plus the per-epoch "history"."""
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     seed_everything(cfg.seed)
     data = data or load_data(cfg)
-    train_split, val_split = data["train"], data["val"]
-    mean, std = data["stats"]
-    args = arch_args(cfg.arch, cfg.arch_args)
-    model = build_model(cfg.arch, cfg.head, cfg.input_size, args)
-    criterion = make_criterion(cfg, train_split.y)
-    opt = make_optimizer(cfg, model)
-    sched = make_scheduler(cfg, opt)
-    g = torch.Generator().manual_seed(cfg.seed)
-    run_dir = Path(cfg.out_dir) / cfg.name
-    run_dir.mkdir(parents=True, exist_ok=True)
+    model = build_model(cfg.arch, cfg.head, cfg.input_size, arch_args(cfg.arch, cfg.arch_args))
+    criterion = make_criterion(cfg, data["train"].y)
+    optimizer = make_optimizer(cfg, model)
+    scheduler = make_scheduler(cfg, optimizer)
+    generator = torch.Generator().manual_seed(cfg.seed)
 
     history: list[dict[str, Any]] = []
-    best_score, best_state, best_epoch, stale = -float("inf"), None, 0, 0
+    best: dict[str, Any] = {"score": -float("inf"), "state": None, "epoch": 0}
     t0 = time.perf_counter()
     bar = tqdm(range(1, cfg.epochs + 1), desc=cfg.name, disable=False if cfg.progress else None,
                unit="epoch", leave=False)
     for epoch in bar:
-        model.train()
-        order = torch.randperm(len(train_split), generator=g)
-        total_loss, correct = 0.0, 0
-        for i in range(0, len(order), cfg.batch_size):
-            idx = order[i : i + cfg.batch_size]
-            if len(idx) < 2 and any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules()):
-                continue  # BatchNorm cannot train on a batch of one
-            x, y = train_split.x[idx], train_split.y[idx]
-            if cfg.augment:
-                x = datalib.augment(x, g)
-            logits = model(x)
-            loss = criterion(logits, loss_target(cfg, y))
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            total_loss += float(loss.detach()) * len(idx)
-            pred = (logits[:, 0] > 0) if cfg.head == "bce" else logits.argmax(1).bool()
-            correct += int((pred.long() == y).sum())
-        if sched:
-            sched.step()
-        val = evaluate(model, val_split, cfg, criterion)
-        row = {"epoch": epoch, "lr": opt.param_groups[0]["lr"], "train_loss": total_loss / len(order),
-               "train_accuracy": correct / len(order), "val_loss": val["loss"], "val_accuracy": val["accuracy"],
-               "val_balanced_accuracy": val["balanced_accuracy"], "val_roc_auc": val["roc_auc"],
-               "seconds": time.perf_counter() - t0, "best": False}
-        if score(val, cfg.select) > best_score:
-            best_score, best_epoch, stale = score(val, cfg.select), epoch, 0
-            best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-            row["best"] = True
-        else:
-            stale += 1
+        row: dict[str, Any] = {"epoch": epoch, "lr": optimizer.param_groups[0]["lr"]}
+        row |= train_one_epoch(model, criterion, optimizer, data["train"], cfg, generator)
+        if scheduler:
+            scheduler.step()
+        val = evaluate(model, data["val"], cfg, criterion)
+        row |= {"val_loss": val["loss"], "val_accuracy": val["accuracy"],
+                "val_balanced_accuracy": val["balanced_accuracy"], "val_roc_auc": val["roc_auc"],
+                "seconds": time.perf_counter() - t0, "best": score(val, cfg.select) > best["score"]}
+        if row["best"]:
+            best = {"score": score(val, cfg.select), "epoch": epoch,
+                    "state": {k: v.detach().clone() for k, v in model.state_dict().items()}}
         history.append(row)
         bar.set_postfix(loss=f"{row['train_loss']:.3f}", val_acc=f"{val['accuracy']:.3f}",
                         val_auc=f"{val['roc_auc']:.3f}")
-        if cfg.patience and stale >= cfg.patience:
+        if cfg.patience and epoch - best["epoch"] >= cfg.patience:
             break
-    train_seconds = time.perf_counter() - t0
-
-    final = {s: evaluate(model, data[s], cfg, criterion)["accuracy"] for s in ("val", "test")}
-    model.load_state_dict(best_state)
-    # The OOD detector, Platt scaling and the operating points (training/trust.py); the card's
-    # threshold is the default point's, on the calibrated probability the server gives.
-    fitted = trust.fit(model, data, cfg.head, tune=cfg.tune_threshold)
-    threshold = fitted.threshold
-    val_metrics = evaluate(model, val_split, cfg, criterion, threshold, fitted.calibration)
-    test_metrics = evaluate(model, data["test"], cfg, criterion, threshold, fitted.calibration)
-    card = ModelCard(name=cfg.name, arch=cfg.arch, arch_args=args, head=cfg.head, input_size=cfg.input_size,
-                     mean=mean, std=std, class_names=CLASS_NAMES,
-                     val_metrics=_floats(val_metrics), test_metrics=_floats(test_metrics), seed=cfg.seed,
-                     versions={"torch": torch.__version__}, **fitted.card_fields())
-    checkpoint = {"format": CHECKPOINT_FORMAT, "card": card.model_dump(mode="json"),
-                  "config": cfg.model_dump(mode="json"), "state_dict": best_state, "history": history,
-                  "ood": fitted.ood_state}
-    torch.save(checkpoint, run_dir / "best.pt")
-    result = {"name": cfg.name, "config": cfg.model_dump(mode="json"), "params": count_parameters(model),
-              "train_seconds": round(train_seconds, 2), "epochs_run": len(history), "best_epoch": best_epoch,
-              "threshold": threshold, "val": val_metrics, "test": test_metrics,
-              "final_val_accuracy": final["val"], "final_test_accuracy": final["test"],
-              "best_val_accuracy_at_0.5": next(h["val_accuracy"] for h in history if h["epoch"] == best_epoch),
-              "trust": trust.summary(fitted, model, data, cfg.head), "checkpoint": str(run_dir / "best.pt")}
-    (run_dir / "history.json").write_text(json.dumps(history, indent=1))
-    (run_dir / "metrics.json").write_text(json.dumps(result, indent=1))
-    plot_curves(history, run_dir / "curves.png", title=f"{cfg.name}: {cfg.arch}/{cfg.head} @{cfg.input_size}px")
-    return result
+    return finish(model, best, history, data, cfg, criterion, time.perf_counter() - t0)
 
 
 def _floats(m: dict[str, Any]) -> dict[str, float]:
     return {k: float(v) for k, v in m.items() if isinstance(v, int | float)}
-
-
-def load_checkpoint(path: str | Path) -> tuple[ModelCard, torch.nn.Module, dict[str, Any]]:
-    """A best.pt -> (card, model in eval mode, the whole checkpoint). Never unpickles code."""
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    if ckpt.get("format") != CHECKPOINT_FORMAT:
-        raise ValueError(f"{path}: not an xray-serve checkpoint (format {ckpt.get('format')!r})")
-    card = ModelCard.model_validate(ckpt["card"])
-    model = build_model(card.arch, card.head, card.input_size, card.arch_args)
-    model.load_state_dict(ckpt["state_dict"])
-    return card, model.eval(), ckpt
 
 
 def parse_args(argv: list[str] | None = None) -> TrainConfig:
