@@ -87,15 +87,15 @@ class XrayHandler(BaseHandler):
                              ood_threshold=self.card.ood.threshold)
             self._metric("XrayInferenceMs", (time.perf_counter() - t0) * 1000, "ms", MetricTypes.GAUGE)
             self._explain([r for r in good if r.explain and r.ok])
-        refused = sum(1 for r in good if not r.ok)
-        if refused:
-            self._metric("XrayOodRefused", refused, "count", MetricTypes.COUNTER)
+        foreign = sum(1 for r in good if r.error is not None and r.error.type == "not_chest_xray")
+        self._metric("XrayOodRefused", foreign, "count", MetricTypes.COUNTER)
         bad = len(requests) - len(good)
         self._metric("XrayBatchSize", len(requests), "count", MetricTypes.GAUGE)
         self._metric("XrayBatches", 1, "count", MetricTypes.COUNTER)
         self._metric("XrayRequests", len(requests), "count", MetricTypes.COUNTER)
         self._metric("XrayBadRequests", bad, "count", MetricTypes.COUNTER)
-        log.info("batch of %d: %d predicted, %d refused", len(requests), len(good), bad)
+        log.info("batch of %d: %d predicted, %d refused, %d not chest radiographs", len(requests),
+                 len(good) - foreign, bad, foreign)
         return requests
 
     @timed
