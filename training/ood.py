@@ -10,7 +10,8 @@ shrunk covariance, on several layers at once:
 
 Per layer, D2 = min over the classes of the squared Mahalanobis distance to the class mean. Its
 scale differs by layer (it grows with the layer's width), so each D2 is standardised with the
-median and the MAD of the validation radiographs' D2, two-sided: |D2 - median| / MAD. A typical
+median and the MAD of the validation radiographs' D2, two-sided: |D2 - median| / MAD, then divided by that layer's own
+99.5th percentile on validation (so no heavy-tailed layer rules the maximum). A typical
 radiograph lies at a typical distance in a wide layer, never at the centre, so an abnormally *small*
 distance is as foreign as a large one (a flat gray field sits near the mean layout). The score is
 the maximum over the layers; the threshold is the 99.5th percentile of the validation radiographs'
@@ -178,6 +179,13 @@ def fit_detector(train_feats: list[np.ndarray], y_train: np.ndarray, val_feats: 
         # MAD (as a normal-consistent sigma); never zero, even for a degenerate layer.
         st.scale = float(max(1.4826 * np.median(np.abs(d2 - st.loc)), 1e-6 * max(st.loc, 1.0)))
     det = Detector(layers, two_sided, use=use)
+    # Each layer in units of its own validation tail (its 99.5th percentile): the maximum over the
+    # layers is then not ruled by the most heavy-tailed one. Measured on MLP-CE and the CI-sized
+    # XrayNet, it refuses 97.1% and 93.6% of the OOD set where the plain maximum refused 94.8% and
+    # 84.9% (docs/trust.md). It folds into the scale, so the exported graph is unchanged.
+    tails = np.quantile(det.layer_scores([val_feats[k] for k in use]), quantile, axis=0)
+    for st, tail in zip(layers, tails, strict=True):
+        st.scale *= float(max(tail, 1e-6))
     val_scores = det.score(val_feats)
     det.threshold = float(np.quantile(val_scores, quantile, method="higher"))
     return det
