@@ -48,7 +48,7 @@ lint: ## ruff
 train: setup ## train the default set; best BCE-MLP, CE-MLP and XrayNet -> artifacts/best/
 	$(PY) -m training.experiments --study default
 
-experiments: setup ## every course study -> reports/experiments.md (QUICK=1 for the CI-sized grids)
+experiments: setup ## every course study, course settings, 3 seeds -> reports/experiments.md (QUICK=1: CI-sized)
 	$(PY) -m training.experiments --study all --reuse $(if $(QUICK),--quick,)
 
 export: setup ## TorchScript + ONNX for the best checkpoints, with the parity report

@@ -125,7 +125,7 @@ def test_select_best_uses_validation_only() -> None:
 
 
 def test_study_grids_are_valid() -> None:
-    """Every run of every study validates as a TrainConfig; --quick keeps at most 2 small runs per grid."""
+    """Every run of every study validates as a TrainConfig; --quick keeps at most 2 small one-seed runs per grid."""
     for study in experiments.STUDIES:
         full = experiments.plan(study, quick=False, only=None)
         quick = experiments.plan(study, quick=True, only=None)
@@ -138,7 +138,9 @@ def test_study_grids_are_valid() -> None:
     assert {experiments.family(n) for n, _, _ in experiments.plan("default", True, None)} == \
         set(experiments.FAMILIES)
     assert [cfg["epochs"] for _, cfg, _ in experiments.plan("epochs", True, None)] == [1, 2]
-    assert [n for n, _, _ in experiments.plan("lr", False, ["lr-0.001"])] == ["lr-0.001"]
+    assert [n for n, _, _ in experiments.plan("lr", False, ["lr-0.001"])] == ["lr-0.001-s0", "lr-0.001-s1",
+                                                                             "lr-0.001-s2"]
+    assert [n for n, _, _ in experiments.plan("lr", False, ["lr-0.001-s1"])] == ["lr-0.001-s1"]
 
 
 def test_default_set_best_checkpoints(best_dir: Path) -> None:
@@ -166,17 +168,19 @@ def test_quick_studies_report(data_dir: Path, tmp_path: Path) -> None:
     experiments.main(["--study", "gap_pool", *common])  # merged into the same report
     md = (reports / "experiments.md").read_text()
     data = json.loads((reports / "experiments.json").read_text())["studies"]
-    expected = {"loss": ["loss-bce", "loss-ce"], "gap_pool": ["gap_pool-2", "gap_pool-4"]}
+    expected = {"loss": ["loss-bce-s0", "loss-ce-s0"], "gap_pool": ["gap_pool-2-s0", "gap_pool-4-s0"]}
     assert list(data) == ["loss", "gap_pool"]
     for study, runs in expected.items():
         assert f"## {study} (quick, CI-sized)" in md
         assert [r["name"] for r in data[study]["results"]] == runs
-        rows = [line for line in md.splitlines() if line.startswith(f"| [{study}-")]
+        rows = [line for line in md.splitlines() if line.startswith(f"| {study}-")]
         assert len(rows) == len(runs)
         assert all(line.count(" | ") == rows[0].count(" | ") for line in rows)
-        assert (reports / "plots" / f"{study}.png").stat().st_size > 1000
-        assert f"](plots/{study}.png)" in md
+        assert (reports / "plots" / f"{study}_curves.png").stat().st_size > 1000
+        assert f"](plots/{study}_curves.png)" in md
         for r in data[study]["results"]:
             assert Path(r["curves"]).is_file() and r["note"] == "quick"
+            assert len(r["history"]) == r["epochs_run"]
+            assert r["infer_cpu_seconds_test"] > 0 and r["train_cpu_seconds_per_epoch"] > 0
     assert [r["config"]["head"] for r in data["loss"]["results"]] == ["bce", "ce"]
     assert [r["config"]["arch_args"]["pool"] for r in data["gap_pool"]["results"]] == [2, 4]

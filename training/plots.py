@@ -68,6 +68,45 @@ def plot_bars(labels: list[str], series: dict[str, list[float]], path: Path, tit
     return _save(fig, path)
 
 
+def plot_study_curves(panels: dict[str, list[list[dict]]], path: Path, title: str = "",
+                      majority: float | None = None) -> Path:
+    """One column per setting (e.g. BCE | CE side by side), rows loss and accuracy; train vs val per epoch.
+
+    Each seed is a thin line, the mean over seeds a thick one, so the spread between repeats shows.
+    `majority`: the validation accuracy of answering the majority class for every image, drawn as a
+    dotted line: an imbalanced set's plateau that accuracy alone does not reveal.
+    """
+    n = max(1, len(panels))
+    fig, axes = plt.subplots(2, n, figsize=(2.9 * n + 1, 5.6), squeeze=False, sharey="row")
+    colors = {"train": "tab:blue", "val": "tab:orange"}
+    for col, (label, histories) in enumerate(panels.items()):
+        for row, metric in enumerate(("loss", "accuracy")):
+            ax = axes[row][col]
+            for split, color in colors.items():
+                key = f"{split}_{metric}"
+                curves = [np.array([h[key] for h in hist]) for hist in histories]
+                for c in curves:
+                    ax.plot(np.arange(1, len(c) + 1), c, color=color, lw=0.6, alpha=0.45)
+                shortest = min(len(c) for c in curves)
+                mean = np.mean([c[:shortest] for c in curves], axis=0)
+                ax.plot(np.arange(1, shortest + 1), mean, color=color, lw=1.8,
+                        label=f"{split} (mean of {len(curves)})")
+            if row == 1 and majority is not None:
+                ax.axhline(majority, color="grey", ls=":", lw=1, label="val, all one class")
+            ax.grid(alpha=0.3)
+            if row == 0:
+                ax.set_title(label, fontsize=9)
+            else:
+                ax.set_xlabel("epoch")
+            if col == 0:
+                ax.set_ylabel(metric)
+    axes[0][0].legend(fontsize=7)
+    if majority is not None:
+        axes[1][0].legend(fontsize=7)
+    fig.suptitle(title)
+    return _save(fig, path)
+
+
 def _save(fig: plt.Figure, path: Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

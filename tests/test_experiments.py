@@ -1,0 +1,86 @@
+"""The course profile's settings, the report's statistics, and publishing that keeps written conclusions."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from training import experiments
+from training.models import build_model, count_parameters
+
+
+def test_course_profile_settings() -> None:
+    """No class weights, Adam, no augmentation; a scheduler only where the study names one (L2)."""
+    for study in experiments.COURSE_STUDIES:
+        for name, cfg, _ in experiments.plan(study, quick=False, only=None):
+            assert cfg["balance"] == "none" and cfg["optimizer"] == "adam" and not cfg["augment"], name
+            assert cfg["scheduler"] == ("step" if study == "l2" else "none"), name
+    for _, cfg, _ in experiments.plan("l2", False, None):
+        assert (cfg["step_size"], cfg["gamma"], cfg["epochs"]) == (10, 0.1, 50)
+    lr_runs = experiments.plan("lr", False, None)
+    assert {(c["head"], c["epochs"], tuple(c["arch_args"]["hidden"])) for _, c, _ in lr_runs} == \
+        {("ce", 30, (32, 32, 32))}
+    assert {(c["arch_args"]["dropout"], c["epochs"]) for _, c, _ in experiments.plan("loss", False, None)} \
+        == {(0.7, 10)}
+    assert sorted({c["arch_args"]["dropout"] for _, c, _ in experiments.plan("dropout", False, None)}) == \
+        [0.0, 0.3, 0.5, 0.7]
+    seeds = {n: c["seed"] for n, c, _ in experiments.plan("epochs", False, None)}
+    assert [seeds[f"epochs-10-s{i}"] for i in range(3)] == [0, 1, 2] and "epochs-ce-100-s1" not in seeds
+
+
+def test_course_ann_has_the_course_parameter_count() -> None:
+    """The course's ANN had 2,099,329 parameters at 256 px: 3 hidden layers of 32 and one logit."""
+    cfg = experiments.ANN
+    model = build_model(cfg["arch"], cfg["head"], 256, cfg["arch_args"])
+    assert count_parameters(model) == 2_099_329
+
+
+def test_gap_study_pools_a_real_map() -> None:
+    """At the study's input size the map before GAP is larger than 1x1 for both poolings."""
+    sides = {}
+    for _, cfg, _ in experiments.plan("gap_pool", False, None, seeds=[0]):
+        model = build_model(cfg["arch"], cfg["head"], cfg["input_size"], cfg["arch_args"]).eval()
+        with torch.no_grad():
+            sides[cfg["arch_args"]["pool"]] = model.forward_features(torch.zeros(1, 1, cfg["input_size"],
+                                                                                 cfg["input_size"])).shape[-1]
+    assert sides[2] > sides[4] >= 2
+
+
+def test_statistics() -> None:
+    assert experiments.mean_sd([0.9, 0.8]) == "0.8500 ± 0.0707"
+    assert experiments.mean_sd([0.9]) == "0.9000"
+    history = [{"epoch": e, "val_loss": 1.0 - 0.01 * e + (0.5 if e < 31 else 0.0)} for e in range(1, 51)]
+    assert experiments.val_loss_slope(history) == pytest.approx(-0.01)
+    assert experiments.setting_of("batch-16-e30-s2") == "batch-16-e30"
+
+
+def fake_run(setting: str, seed: int, head: str, acc: float) -> dict[str, Any]:
+    history = [{"epoch": e, "train_loss": 0.5 / e, "val_loss": 0.6 / e, "train_accuracy": acc,
+                "val_accuracy": acc} for e in (1, 2, 3)]
+    return {"name": f"{setting}-s{seed}", "setting": setting, "params": 10, "train_cpu_seconds_per_epoch": 1.0,
+            "infer_cpu_seconds_test": 0.1, "train_accuracy": acc, "final_val_accuracy": acc, "final_test_accuracy": acc,
+            "history": history, "test": {"balanced_accuracy": acc, "roc_auc": acc}, "note": "",
+            "val": {"n": 10, "tp": 7, "fn": 0, "tn": 0, "fp": 3},
+            "config": {"arch": "mlp", "head": head, "input_size": 64, "seed": seed, "arch_args": {}}}
+
+
+def test_publish_keeps_written_conclusions(tmp_path: Path) -> None:
+    reports, docs = tmp_path / "reports", tmp_path / "docs"
+    runs = [fake_run(f"loss-{h}", s, h, acc) for h, accs in (("bce", (0.9, 0.8)), ("ce", (0.7, 0.7)))
+            for s, acc in enumerate(accs)]
+    entry = {"quick": False, "seconds": 3.0, "results": runs, "command": "x", "created": "now"}
+    experiments.write_report({"loss": entry}, reports)
+    out = experiments.publish(reports, docs)
+    md = out.read_text()
+    assert "| loss-bce | bce | mlp/bce@64px | 10 | 0,1 |" in md and "0.8500 ± 0.0707" in md
+    assert (docs / "plots" / "loss_curves.png").stat().st_size > 1000
+    out.write_text(md.replace("*Conclusion:* not written yet.", "BCE wins by 0.15.")
+                   .replace("<!-- written: overview -->\n", "<!-- written: overview -->\nWhy we differ.\n"))
+    md = experiments.publish(reports, docs).read_text()
+    assert "BCE wins by 0.15." in md and "Why we differ." in md and "not written yet" not in md
+    assert json.loads((reports / "experiments.json").read_text())["studies"]["loss"]["results"][0]["name"] == \
+        "loss-bce-s0"
