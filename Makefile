@@ -14,7 +14,7 @@ SPLIT ?= test
 BACKEND ?= onnxruntime
 
 .PHONY: setup java nginx chaos test test-fast lint train experiments export archive serve stop evaluate \
-	evaluate-offline predict-offline bench soak clean help \
+	evaluate-offline predict-offline ood bench soak clean help \
 	docker-build docker-run docker-test
 
 help:
@@ -74,6 +74,9 @@ evaluate-offline: setup ## the same report with the handler in process, no serve
 predict-offline: setup ## IMAGE=chest.jpeg: label, P(PNEUMONIA) and each class's confidence, no server (MODEL=...)
 	@test -f "$(IMAGE)" || { echo "usage: make predict-offline IMAGE=path/to/chest.jpeg [MODEL=...] (no file '$(IMAGE)')" >&2; exit 2; }
 	$(PY) -m serving.offline predict $(IMAGE) $(if $(MODEL),--model $(MODEL),)
+
+ood: setup ## non-radiographs made by code, border cases and SPLIT's radiographs through the live endpoint -> reports/ood/
+	$(PY) -m serving.ood_report --url $(URL) --split $(SPLIT)
 
 bench: setup ## honest limit vs the live endpoint: closed + open loop, server CPU by role -> reports/bench.md (QUICK=1; START=1 starts/stops the server)
 	@command -v wrk >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk; } \

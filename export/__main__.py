@@ -21,9 +21,10 @@ from export import parity
 from export.cards import export_card
 from export.onnx_export import export_onnx
 from export.torchscript import export_torchscript
-from handlers.constants import BEST_DIR, EXPORT_DIR
+from handlers.constants import BEST_DIR, EXPLAINER_SUFFIX, EXPORT_DIR
 from training.checkpoint import load_checkpoint
 from training.sources import default_data_dir
+from training.trust import guarded
 
 DEFAULT_BEST = BEST_DIR
 DEFAULT_OUT = EXPORT_DIR
@@ -54,14 +55,18 @@ def read_summary(best_dir: Path) -> dict[str, Path]:
 
 
 def export_family(family: str, checkpoint: Path, out_dir: Path, images: parity.Images) -> dict[str, Any]:
-    card, model, _ = load_checkpoint(checkpoint)
+    card, model, ckpt = load_checkpoint(checkpoint)
     card = export_card(card, checkpoint)
-    onnx_path = export_onnx(model, card, out_dir / f"{family}.onnx")
-    ts_path = export_torchscript(model, card, out_dir / f"{family}.torchscript.pt")
-    report, prob = parity.check_model(model, card, onnx_path, ts_path, images)
+    # The served graph outputs logits and, with the checkpoint's OOD detector inside, ood_score.
+    served = guarded(model, ckpt)
+    onnx_path = export_onnx(served, card, out_dir / f"{family}.onnx")
+    ts_path = export_torchscript(served, card, out_dir / f"{family}.torchscript.pt")
+    plain_card = card.model_copy(update={"ood": None})  # logits only: what the Grad-CAM explainer outputs
+    explainer = export_torchscript(model, plain_card, out_dir / f"{family}{EXPLAINER_SUFFIX}")
+    report, prob, ood_score = parity.check_model(served, card, onnx_path, ts_path, images)
     report |= {"checkpoint": str(checkpoint), "checkpoint_sha256": card.checkpoint_sha256,
-               "onnx": onnx_path.name, "torchscript": ts_path.name}
-    preds = parity.predictions(family, card, images, prob)
+               "onnx": onnx_path.name, "torchscript": ts_path.name, "explainer": explainer.name}
+    preds = parity.predictions(family, card, images, prob, ood_score)
     (out_dir / f"predictions_{family}.json").write_text(json.dumps(preds, indent=1))
     return report
 

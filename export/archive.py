@@ -28,17 +28,20 @@ from typing import Any
 import yaml
 
 from handlers import constants as C
-from handlers.backends import ModelFileError, load_runner
+from handlers.backends import ModelFileError, Runner, load_runner
 from handlers.constants import (
     EXPLAINER_NAME,
+    EXPLAINER_SUFFIX,
     MANIFEST_PATH,
     MODEL_CONFIG_NAME,
     MODEL_NAME,
     MODEL_SUFFIX,
     READINESS_PROBE_NAME,
 )
+from handlers.preprocess import PreprocessError, preprocess
 from handlers.schemas import CLASS_NAMES
 from handlers.torchserve import read_manifest
+from handlers.trust import is_foreign
 from training.sources import default_data_dir, list_image_folder
 
 HANDLERS_DIR = C.REPO_ROOT / "handlers"
@@ -56,8 +59,9 @@ def model_config(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def stage_explainer(stage: Path, export_dir: Path, model: str) -> list[str]:
-    """STAGE/explainer.pt: the TorchScript model, which has gradients for Grad-CAM (ONNX has none)."""
-    src = export_dir / f"{model}{MODEL_SUFFIX['torchscript']}"
+    """STAGE/explainer.pt: the plain TorchScript model, which has gradients for Grad-CAM (ONNX has none)
+    and the CNN's forward_features/forward_head (the served, guarded model has not)."""
+    src = export_dir / f"{model}{EXPLAINER_SUFFIX}"
     if not src.is_file():
         raise ArchiveError(f"no {src}: the archive carries the TorchScript model for explanations")
     stage.mkdir(parents=True, exist_ok=True)
@@ -65,18 +69,30 @@ def stage_explainer(stage: Path, export_dir: Path, model: str) -> list[str]:
     return [EXPLAINER_NAME]
 
 
-def stage_probe(stage: Path, data_dir: Path) -> list[str]:
-    """STAGE/readiness_probe: the first PNEUMONIA image of the data's test split (else val, train),
-    as its original bytes. The launcher's readiness check and the container's HEALTHCHECK send it
-    and require a 200 with a label: a probe the model should refuse (noise) proves nothing."""
+def stage_probe(stage: Path, data_dir: Path, runner: Runner | None = None) -> list[str]:
+    """STAGE/readiness_probe: the first PNEUMONIA image of the data's test split (else val, train)
+    that the model's OOD gate passes, as its original bytes. The launcher's readiness check and the
+    container's HEALTHCHECK send it and require a 200 with a label: a probe the model should refuse
+    (noise) proves nothing, and one of the ~0.5% radiographs the gate refuses would fail them."""
     for split in ("test", "val", "train"):
         with contextlib.suppress(FileNotFoundError):
             for path, label in list_image_folder(data_dir, split):
-                if CLASS_NAMES[label] == "PNEUMONIA":
+                if CLASS_NAMES[label] == "PNEUMONIA" and _passes_gate(runner, path):
                     stage.mkdir(parents=True, exist_ok=True)
                     shutil.copyfile(path, stage / READINESS_PROBE_NAME)
                     return [READINESS_PROBE_NAME]
     raise ArchiveError(f"no radiograph under {data_dir} for the readiness probe (set DATA_DIR or --data-dir)")
+
+
+def _passes_gate(runner: Runner | None, path: Path) -> bool:
+    if runner is None or runner.card.ood is None:
+        return True
+    try:
+        x = preprocess(path.read_bytes(), runner.card.input_size, runner.card.mean, runner.card.std)
+    except PreprocessError:
+        return False
+    _, score = runner.run(x[None])
+    return not is_foreign(float(score[0]), runner.card.ood)
 
 
 def stage_handlers(stage: Path, handlers_dir: Path = HANDLERS_DIR) -> list[str]:
@@ -126,7 +142,8 @@ def build(args: argparse.Namespace) -> dict[str, Any]:
         raise ArchiveError(f"no {model_path}: run `python -m export` first (or pick --model/--backend)")
     if not args.handler.is_file():
         raise ArchiveError(f"handler {args.handler} not found")
-    card = load_runner(model_path, args.backend).card  # also proves the file opens and carries its card
+    runner = load_runner(model_path, args.backend)  # also proves the file opens and carries its card
+    card = runner.card
     version = args.version or f"{card.version}-{(card.checkpoint_sha256 or 'nosha')[:8]}"
     config = model_config(args)
     args.model_store.mkdir(parents=True, exist_ok=True)
@@ -136,7 +153,7 @@ def build(args: argparse.Namespace) -> dict[str, Any]:
         stage, out = tmp / "stage", tmp / "out"
         out.mkdir()
         packed = (stage_handlers(stage, args.handlers_dir) + stage_explainer(stage, args.export_dir, args.model)
-                  + stage_probe(stage, args.data_dir))
+                  + stage_probe(stage, args.data_dir, runner))
         (tmp / MODEL_CONFIG_NAME).write_text(yaml.safe_dump(config, sort_keys=False))
         cmd = [*archiver_command(), "--model-name", MODEL_NAME, "--version", version,
                "--serialized-file", str(model_path), "--handler", str(args.handler),

@@ -1,8 +1,10 @@
 """Parity: real test images through PyTorch eager, TorchScript and ONNX Runtime must agree.
 
-Every image goes through handlers.preprocess exactly as a served one does. P(pneumonia) from
-handlers.backends.pneumonia_probability must agree within TOLERANCE and every label at the
-card's threshold must be identical; the ONNX probabilities also give the offline test metrics.
+Every image goes through handlers.preprocess exactly as a served one does. The served P(pneumonia)
+(handlers.trust: the card's calibration of the logit margin) must agree within TOLERANCE and every
+label at the card's threshold must be identical. The OOD score, where the model has one, must agree
+within OOD_RTOL relative to max(1, |score|) (scores of foreign images reach 1e4: a relative test),
+and every refusal decision must be identical. The ONNX outputs also give the offline test metrics.
 """
 
 from __future__ import annotations
@@ -17,13 +19,15 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from handlers.backends import OnnxRunner, TorchScriptRunner, pneumonia_probability
+from handlers.backends import OnnxRunner, TorchScriptRunner
 from handlers.preprocess import to_model_input
 from handlers.schemas import ModelCard
+from handlers.trust import calibrated, margin_of
 from training.metrics import binary_metrics
 from training.sources import iter_split
 
 TOLERANCE = 1e-5
+OOD_RTOL = 1e-3
 MIN_IMAGES = 256
 BATCH = 64
 
@@ -58,9 +62,30 @@ def model_inputs(images: Images, card: ModelCard, start: int, stop: int) -> np.n
     return np.stack([to_model_input(g, card.input_size, card.mean, card.std) for g in images.grays[start:stop]])
 
 
-def eager_logits(model: torch.nn.Module, x: np.ndarray) -> np.ndarray:
+def eager_outputs(model: torch.nn.Module, x: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+    """(logits, ood_score) of a guarded model, (logits, None) of a plain one."""
     with torch.inference_mode():
-        return model.eval()(torch.from_numpy(x)).numpy()
+        out = model.eval()(torch.from_numpy(x))
+    if isinstance(out, tuple):
+        return out[0].numpy(), out[1].numpy()
+    return out.numpy(), None
+
+
+def eager_logits(model: torch.nn.Module, x: np.ndarray) -> np.ndarray:
+    return eager_outputs(model, x)[0]
+
+
+def compare_ood(scores: dict[str, np.ndarray], threshold: float, rtol: float = OOD_RTOL) -> dict[str, Any]:
+    """scores: {'eager': s, 'torchscript': s, 'onnx': s} -> relative diffs, refusal agreement, verdict."""
+    eager = scores["eager"]
+    rel = {k: float(np.max(np.abs(s - eager) / np.maximum(1.0, np.abs(eager)), initial=0.0))
+           for k, s in scores.items() if k != "eager"}
+    refused = {k: s > threshold for k, s in scores.items()}
+    identical = all(np.array_equal(refused["eager"], v) for v in refused.values())
+    finite = all(np.isfinite(s).all() for s in scores.values())
+    return {"ood_max_rel_diff_torchscript": rel["torchscript"], "ood_max_rel_diff_onnx": rel["onnx"],
+            "ood_refusals_identical": identical, "ood_rtol": rtol, "ood_refused": float(np.mean(refused["onnx"])),
+            "ood_passed": bool(finite and identical and max(rel.values()) <= rtol)}
 
 
 def compare(probs: dict[str, np.ndarray], threshold: float, tol: float = TOLERANCE) -> dict[str, Any]:
@@ -85,26 +110,43 @@ def check_model(model: torch.nn.Module, card: ModelCard, onnx_path: Path, torchs
         if runner.card != card:
             raise ValueError(f"{path}: the card it carries differs from the checkpoint's card")
     logits: dict[str, list[np.ndarray]] = {"eager": [], "torchscript": [], "onnx": []}
+    scores: dict[str, list[np.ndarray]] = {"eager": [], "torchscript": [], "onnx": []}
     for start in tqdm(range(0, len(images.names), batch), desc=f"parity {card.name}", unit="batch",
                       disable=None, leave=False):
         x = model_inputs(images, card, start, start + batch)
-        logits["eager"].append(eager_logits(model, x))
-        for name, runner in runners.items():
-            logits[name].append(runner(x))
-    probs = {k: pneumonia_probability(np.concatenate(v), card.head) for k, v in logits.items()}
+        outs = {"eager": eager_outputs(model, x)} | {name: runner.run(x) for name, runner in runners.items()}
+        for name, (lg, sc) in outs.items():
+            logits[name].append(lg)
+            if sc is not None:
+                scores[name].append(sc)
+    probs = {k: calibrated(margin_of(np.concatenate(v), card.head), card.calibration) for k, v in logits.items()}
     report = {"n_images": len(images.names), "threshold": card.threshold, **compare(probs, card.threshold, tol)}
+    ood = None
+    if card.ood is not None:
+        if not all(scores.values()):
+            raise ValueError(f"{card.name}: the card has an OOD gate but a backend gave no ood_score")
+        ood = {k: np.concatenate(v) for k, v in scores.items()}
+        report |= compare_ood(ood, card.ood.threshold)
+        report["passed"] = report["passed"] and report["ood_passed"]
     report["test_metrics"] = _json_safe(binary_metrics(images.labels, probs["onnx"], card.threshold))
     # What training measured on its own pipeline: equal when both saw the same whole test split.
     report["training_test_accuracy"] = card.test_metrics.get("accuracy")
-    return report, probs["onnx"]
+    return report, probs["onnx"], (ood["onnx"] if ood is not None else None)
 
 
-def predictions(family: str, card: ModelCard, images: Images, prob: np.ndarray) -> dict[str, Any]:
-    """The offline ONNX Runtime predictions, one entry per image, for comparison with the live server."""
-    return {"model": family, "threshold": card.threshold, "predictions": [
-        {"file": name, "label": int(label), "probability": float(p),
-         "predicted": card.class_names[int(p >= card.threshold)]}
-        for name, label, p in zip(images.names, images.labels, prob, strict=True)]}
+def predictions(family: str, card: ModelCard, images: Images, prob: np.ndarray,
+                ood_score: np.ndarray | None = None) -> dict[str, Any]:
+    """The offline ONNX Runtime predictions, one entry per image, for comparison with the live server:
+    the served probability, the label at the default point, the OOD score and whether it is refused."""
+    scores = ood_score if ood_score is not None else [None] * len(prob)
+    rows = []
+    for name, label, p, s in zip(images.names, images.labels, prob, scores, strict=True):
+        row = {"file": name, "label": int(label), "probability": float(p),
+               "predicted": card.class_names[int(p >= card.threshold)]}
+        if s is not None:
+            row |= {"ood_score": float(s), "refused": bool(s > card.ood.threshold)}
+        rows.append(row)
+    return {"model": family, "threshold": card.threshold, "predictions": rows}
 
 
 def format_line(family: str, report: dict[str, Any]) -> str:
@@ -112,7 +154,9 @@ def format_line(family: str, report: dict[str, Any]) -> str:
     verdict = "PASS" if report["passed"] else "FAIL"
     return (f"{verdict} {family:<8} n={report['n_images']:<4} |ts-eager|={report['max_abs_diff_torchscript']:.2e} "
             f"|onnx-eager|={report['max_abs_diff_onnx']:.2e} labels_identical={report['labels_identical']} "
-            f"t={report['threshold']:.3f} acc={m['accuracy']:.4f} auc={_fmt(m['roc_auc'])}")
+            f"t={report['threshold']:.3f} acc={m['accuracy']:.4f} auc={_fmt(m['roc_auc'])}"
+            + (f" ood |rel|={max(report['ood_max_rel_diff_onnx'], report['ood_max_rel_diff_torchscript']):.1e} "
+               f"refused={report['ood_refused']:.2%}" if "ood_passed" in report else ""))
 
 
 def _fmt(v: float | None) -> str:

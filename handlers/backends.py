@@ -1,8 +1,11 @@
 """Runners for exported models: ONNX Runtime or TorchScript, on CUDA when there is one.
 
 A runner maps a float32 batch [N, 1, H, W] to logits [N, 1] (BCE head) or [N, 2] (CE head);
-`pneumonia_probability` turns either into P(PNEUMONIA). The model's ModelCard rides inside
-the file (ONNX metadata_props / TorchScript extra file) and is read back here.
+`pneumonia_probability` turns either into the uncalibrated P(PNEUMONIA). `runner.run(batch)` gives
+the logits and the out-of-distribution score [N] that models exported with a detector output as
+well (None for a model without one); handlers/trust.py turns both into the served answer. The
+model's ModelCard rides inside the file (ONNX metadata_props / TorchScript extra file) and is read
+back here.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ log = logging.getLogger(__name__)
 CARD_KEY = "xray_card"  # ONNX metadata_props key and TorchScript extra-file name
 INPUT_NAME = "image"
 OUTPUT_NAME = "logits"
+OOD_OUTPUT = "ood_score"
 
 
 class ModelFileError(RuntimeError):
@@ -44,6 +48,8 @@ class Runner(Protocol):
     device: str
 
     def __call__(self, batch: np.ndarray) -> np.ndarray: ...
+
+    def run(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]: ...
 
 
 class OnnxRunner:
@@ -80,13 +86,20 @@ class OnnxRunner:
         inputs, outputs = self.session.get_inputs(), self.session.get_outputs()
         if [i.name for i in inputs] != [INPUT_NAME] or outputs[0].name != OUTPUT_NAME:
             raise ModelFileError(f"{path}: expected input '{INPUT_NAME}' and output '{OUTPUT_NAME}'")
+        self.outputs = [o.name for o in outputs]
+        if self.card.ood is not None and OOD_OUTPUT not in self.outputs:
+            raise ModelFileError(f"{path}: the card has an OOD gate but the model has no '{OOD_OUTPUT}' output")
         shape = inputs[0].shape
         size = self.card.input_size
         if len(shape) != 4 or list(shape[1:]) != [1, size, size]:
             raise ModelFileError(f"{path}: input shape {shape} does not match card input_size {size}")
 
     def __call__(self, batch: np.ndarray) -> np.ndarray:
-        return self.session.run([OUTPUT_NAME], {INPUT_NAME: np.ascontiguousarray(batch, np.float32)})[0]
+        return self.run(batch)[0]
+
+    def run(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        out = self.session.run(self.outputs, {INPUT_NAME: np.ascontiguousarray(batch, np.float32)})
+        return out[0], (out[self.outputs.index(OOD_OUTPUT)] if OOD_OUTPUT in self.outputs else None)
 
 
 class TorchScriptRunner:
@@ -109,11 +122,20 @@ class TorchScriptRunner:
         self.card = _parse_card(extra[CARD_KEY] or None, path)
 
     def __call__(self, batch: np.ndarray) -> np.ndarray:
+        return self.run(batch)[0]
+
+    def run(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
         import torch
 
         with torch.inference_mode():
             x = torch.from_numpy(np.ascontiguousarray(batch, np.float32)).to(self.device)
-            return self.module(x).float().cpu().numpy()
+            out = self.module(x)
+        # A model exported with its OOD detector returns (logits, ood_score); a plain one, the logits.
+        if isinstance(out, tuple | list):
+            return out[0].float().cpu().numpy(), out[1].float().cpu().numpy()
+        if self.card.ood is not None:
+            raise ModelFileError(f"the card has an OOD gate but the TorchScript model returns no '{OOD_OUTPUT}'")
+        return out.float().cpu().numpy(), None
 
 
 def _parse_card(raw: str | bytes | None, path: Path) -> ModelCard:

@@ -60,6 +60,9 @@ MODEL_SUFFIX = {"onnxruntime": ".onnx", "torchscript": ".torchscript.pt"}
 MANIFEST_PATH = "MAR-INF/MANIFEST.json"
 MODEL_CONFIG_NAME = "model-config.yaml"
 EXPLAINER_NAME = "explainer.pt"  # the TorchScript model every archive carries for Grad-CAM
+# export writes the plain model (logits only, with forward_features/forward_head) beside the guarded
+# ones (logits + ood_score): Grad-CAM needs the CNN's split, the detector's wrapper has none.
+EXPLAINER_SUFFIX = ".explainer.pt"
 BATCH_SIZE = 8
 MAX_BATCH_DELAY_MS = 2
 WORKERS = 2

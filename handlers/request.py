@@ -3,8 +3,9 @@
 TorchServe hands the handler a list of requests (a dict of fields each) and, beside it, each
 request's headers in the context, both indexed by the request's position in the batch. An
 XrayRequest keeps that position and everything that belongs to the request: the decoded model
-input, whether an explanation was asked for and of which class, its error, its probability
-and its heatmap. A bad field refuses that request only; its batch-mates never see it.
+input, whether an explanation was asked for and of which class, the operating point it chose,
+its error, its probability, its OOD score and its heatmap. A bad field refuses that request only;
+its batch-mates never see it.
 """
 
 from __future__ import annotations
@@ -18,7 +19,8 @@ import numpy as np
 from handlers import multipart
 from handlers.constants import CONTENT_TYPE_HEADER
 from handlers.preprocess import PreprocessError, preprocess
-from handlers.schemas import ErrorBody, ModelCard
+from handlers.schemas import DEFAULT_POINT, ErrorBody, ModelCard
+from handlers.trust import OPERATING_POINT_FIELD, OPERATING_POINT_HEADER, TrustError, resolve_point
 
 log = logging.getLogger(__name__)
 
@@ -34,16 +36,19 @@ class XrayRequest:
     explain: bool = False
     target: int | None = None  # class index to explain; None until chosen (the predicted class)
     image: np.ndarray | None = None  # the model input [1, S, S]
+    point: str = DEFAULT_POINT  # the operating point's name
+    threshold: float = 0.5  # its threshold on the calibrated probability
     error: ErrorBody | None = None
-    probability: float | None = None  # P(PNEUMONIA)
+    probability: float | None = None  # calibrated P(PNEUMONIA)
+    ood_score: float | None = None
     heatmap: np.ndarray | None = None  # Grad-CAM [S, S] in [0, 1]
 
     @property
     def ok(self) -> bool:
         return self.error is None
 
-    def refuse(self, code: int, type: str, message: str) -> None:
-        self.error = ErrorBody(code=code, type=type, message=message)
+    def refuse(self, code: int, type: str, message: str, **extra: float) -> None:
+        self.error = ErrorBody(code=code, type=type, message=message, **extra)
 
 
 def payload(request: dict) -> bytes:
@@ -97,11 +102,34 @@ def explain_target(request: dict, headers: dict[str, Any], class_names: tuple[st
     return class_names.index(name)
 
 
+def operating_point(request: dict, headers: dict[str, Any], card: ModelCard) -> tuple[str, float]:
+    """The point a request chose (multipart field 'operating_point' or header X-Operating-Point) and its
+    threshold; the card's default when it chose none. A card without points has one: its threshold."""
+    value = request.get(OPERATING_POINT_FIELD)
+    if value is None:
+        value = header(headers, OPERATING_POINT_HEADER)
+    if isinstance(value, bytes | bytearray):
+        value = bytes(value).decode("utf-8", errors="replace")
+    if value is not None and not isinstance(value, str):
+        value = str(value)
+    points = card.operating_points
+    if not points:  # a model from before calibration: only its own threshold
+        if value is not None and value.strip() != card.default_point:
+            raise PreprocessError(400, "unknown_operating_point", f"this model has no operating point {value[:60]!r}")
+        return card.default_point, card.threshold
+    try:
+        name, point = resolve_point(points, value, card.default_point)
+    except TrustError as err:
+        raise PreprocessError(err.status, err.type, err.message[:200]) from None
+    return name, point.threshold
+
+
 def read_request(index: int, request: dict, headers: dict[str, Any], card: ModelCard) -> XrayRequest:
     """Decode one request on its own; whatever is wrong with it becomes its error, never the batch's."""
     r = XrayRequest(index, explain=str(header(headers, EXPLAIN_HEADER)) == "True")
     try:
         fields = request_fields(request, header(headers, CONTENT_TYPE_HEADER))
+        r.point, r.threshold = operating_point(fields, headers, card)
         r.image = preprocess(payload(fields), card.input_size, card.mean, card.std)
         if r.explain:
             r.target = explain_target(fields, headers, card.class_names)

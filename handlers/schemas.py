@@ -16,6 +16,44 @@ POSITIVE_CLASS = "PNEUMONIA"
 
 Head = Literal["bce", "ce"]
 Backend = Literal["onnxruntime", "torchscript"]
+DEFAULT_POINT = "balanced"
+
+
+class Calibration(BaseModel):
+    """Served P(PNEUMONIA) = sigmoid(a * margin + b), margin = the logit margin; fitted on validation
+    (Platt scaling; temperature scaling is the special case b = 0)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    method: Literal["platt", "temperature", "none"] = "none"
+    a: float = 1.0
+    b: float = 0.0
+    val_ece: float | None = None
+    val_brier: float | None = None
+
+
+class OperatingPoint(BaseModel):
+    """A named threshold on the calibrated P(PNEUMONIA), with what it gave on validation."""
+
+    model_config = ConfigDict(frozen=True)
+
+    threshold: float = Field(ge=0.0, le=1.0)
+    description: str = ""
+    val_sensitivity: float | None = None
+    val_specificity: float | None = None
+
+
+class OodGate(BaseModel):
+    """The out-of-distribution gate: an image whose `ood_score` (a model output) exceeds `threshold`
+    is refused. The detector's statistics live inside the model file; this is what the card says."""
+
+    model_config = ConfigDict(frozen=True)
+
+    method: str = "mahalanobis"
+    threshold: float
+    layers: list[str] = Field(default_factory=list)
+    two_sided: bool = True
+    val_quantile: float = 0.995
 
 
 class ModelCard(BaseModel):
@@ -31,7 +69,12 @@ class ModelCard(BaseModel):
     mean: float
     std: float = Field(gt=0)
     class_names: tuple[str, str] = CLASS_NAMES
-    threshold: float = Field(default=0.5, ge=0.0, le=1.0, description="on P(pneumonia), tuned on val")
+    threshold: float = Field(default=0.5, ge=0.0, le=1.0,
+                             description="the default operating point's threshold on the served P(pneumonia)")
+    calibration: Calibration | None = None
+    operating_points: dict[str, OperatingPoint] = Field(default_factory=dict)
+    default_point: str = DEFAULT_POINT
+    ood: OodGate | None = None
     val_metrics: dict[str, float] = Field(default_factory=dict)
     test_metrics: dict[str, float] = Field(default_factory=dict)
     seed: int = 0
@@ -50,7 +93,9 @@ class Prediction(BaseModel):
     label: Literal["NORMAL", "PNEUMONIA"]
     probability: float = Field(ge=0.0, le=1.0, description="P(PNEUMONIA)")
     probabilities: dict[str, float]
-    threshold: float
+    threshold: float = Field(description="the operating point's threshold: label = PNEUMONIA iff probability >= it")
+    operating_point: str = DEFAULT_POINT
+    ood_score: float | None = Field(default=None, description="out-of-distribution score; refused above the card's")
     model: str
     version: str
     backend: Backend
@@ -63,6 +108,8 @@ class ErrorBody(BaseModel):
     code: int
     type: str
     message: str
+    ood_score: float | None = Field(default=None, description="not_chest_xray only: the image's score")
+    ood_threshold: float | None = Field(default=None, description="not_chest_xray only: the refusal threshold")
 
 
 class Explanation(BaseModel):

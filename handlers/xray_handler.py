@@ -5,8 +5,11 @@ TorchServe's HandlerTime and its `@timed` profiling, `handler: {profile: true}`,
 
     preprocess   the batch's raw requests -> one XrayRequest each (handlers/request.py): decoded
                  model input, explain target, or its own 4xx error
-    inference    one forward pass over the valid inputs; Grad-CAM for those that asked for it
-    postprocess  each request -> its JSON body and HTTP status
+    inference    one forward pass over the valid inputs: logits and the OOD score; the calibrated
+                 probability; images above the OOD threshold refused (422 not_chest_xray);
+                 Grad-CAM for the rest that asked for it
+    postprocess  each request -> its JSON body and HTTP status; the label is the calibrated
+                 probability against the threshold of the operating point the request chose
 
 A bad request is answered alone and never harms its batch-mates. A batch may mix predictions
 and explanations (TorchServe's explain_handle looks at the first request only: here it takes
@@ -27,10 +30,11 @@ from ts.handler_utils.timer import timed
 from ts.metrics.metric_type_enum import MetricTypes
 from ts.torch_handler.base_handler import BaseHandler
 
-from handlers.backends import load_runner, pneumonia_probability
+from handlers.backends import load_runner
 from handlers.explain import NotExplainable, grad_cam, load_explainer, overlay_png
 from handlers.request import XrayRequest, read_request
 from handlers.schemas import Explanation, Prediction
+from handlers.trust import calibrated, is_foreign, label_of, margin_of
 
 log = logging.getLogger(__name__)
 
@@ -44,9 +48,10 @@ class XrayHandler(BaseHandler):
         self.runner = load_runner(model_file, settings.get("backend"), gpu_id, int(settings.get("threads", 0)))
         self.card = self.runner.card
         self.version = str(context.manifest["model"].get("modelVersion", self.card.version))
-        log.info("xray %s: backend=%s device=%s providers=%s input=%dpx threshold=%.4f", self.version,
-                 self.runner.backend, self.runner.device, getattr(self.runner, "providers", "-"),
-                 self.card.input_size, self.card.threshold)
+        log.info("xray %s: backend=%s device=%s providers=%s input=%dpx points=%s calibration=%s ood=%s",
+                 self.version, self.runner.backend, self.runner.device, getattr(self.runner, "providers", "-"),
+                 self.card.input_size, {k: round(v.threshold, 4) for k, v in self.card.operating_points.items()},
+                 self.card.calibration, self.card.ood)
         self.explainer, self.not_explainable = None, "this archive carries no explainer model"
         if settings.get("explainer") and (Path(props["model_dir"]) / settings["explainer"]).is_file():
             try:
@@ -72,17 +77,27 @@ class XrayHandler(BaseHandler):
         good = [r for r in requests if r.ok]
         if good:
             t0 = time.perf_counter()
-            logits = self.runner(np.stack([r.image for r in good]))
-            for r, p in zip(good, pneumonia_probability(logits, self.card.head), strict=True):
-                r.probability = float(p)
+            logits, scores = self.runner.run(np.stack([r.image for r in good]))
+            probs = calibrated(margin_of(logits, self.card.head), self.card.calibration)
+            for k, r in enumerate(good):
+                r.probability = float(probs[k])
+                r.ood_score = None if scores is None else float(scores[k])
+                if r.ood_score is not None and is_foreign(r.ood_score, self.card.ood):
+                    r.refuse(422, "not_chest_xray", "this image does not look like a chest radiograph the model "
+                             "was trained on: no diagnosis is given", ood_score=r.ood_score,
+                             ood_threshold=self.card.ood.threshold)
             self._metric("XrayInferenceSeconds", time.perf_counter() - t0, "s", MetricTypes.HISTOGRAM)
-            self._explain([r for r in good if r.explain])
+            self._explain([r for r in good if r.explain and r.ok])
+        foreign = sum(1 for r in good if r.error is not None and r.error.type == "not_chest_xray")
+        if foreign:
+            self._metric("XrayOodRefused", foreign, "count", MetricTypes.COUNTER)
         bad = len(requests) - len(good)
         # Its _count is the number of batches and its _sum the number of requests.
         self._metric("XrayBatchSize", len(requests), "count", MetricTypes.HISTOGRAM)
         if bad:
             self._metric("XrayBadRequests", bad, "count", MetricTypes.COUNTER)
-        log.debug("batch of %d: %d predicted, %d refused", len(requests), len(good), bad)
+        log.debug("batch of %d: %d predicted, %d refused, %d not chest radiographs", len(requests),
+                  len(good) - foreign, bad, foreign)
         return requests
 
     @timed
@@ -109,7 +124,7 @@ class XrayHandler(BaseHandler):
         t0 = time.perf_counter()
         for r in requests:
             if r.target is None:
-                r.target = int(r.probability >= self.card.threshold)
+                r.target = int(r.probability >= r.threshold)
         try:
             cams = grad_cam(self.explainer, np.stack([r.image for r in requests]), self.card.head,
                             [r.target for r in requests], self.runner.device)
@@ -124,13 +139,13 @@ class XrayHandler(BaseHandler):
 
     def _answer(self, r: XrayRequest) -> dict:
         if r.error:
-            return r.error.model_dump()
+            return r.error.model_dump(exclude_none=True)
         names = self.card.class_names
         p = r.probability
-        prediction = Prediction(label=names[int(p >= self.card.threshold)], probability=p,
-                                probabilities={names[0]: 1.0 - p, names[1]: p}, threshold=self.card.threshold,
-                                model=self.card.name, version=self.version, backend=self.runner.backend,
-                                device=self.runner.device)
+        prediction = Prediction(label=label_of(p, r.threshold, names), probability=p,
+                                probabilities={names[0]: 1.0 - p, names[1]: p}, threshold=r.threshold,
+                                operating_point=r.point, ood_score=r.ood_score, model=self.card.name,
+                                version=self.version, backend=self.runner.backend, device=self.runner.device)
         if not r.explain:
             return prediction.model_dump()
         gray = r.image[0] * self.card.std + self.card.mean  # back to the [0, 1] image the model saw

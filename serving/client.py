@@ -37,6 +37,7 @@ from tqdm import tqdm
 from handlers.constants import INFERENCE_URL, MODEL_NAME
 from handlers.preprocess import sniff
 from handlers.schemas import ErrorBody, Explanation, Prediction
+from handlers.trust import OPERATING_POINT_HEADER
 from serving import settings
 
 DEFAULT_URL = INFERENCE_URL
@@ -162,13 +163,19 @@ class XrayClient:
     def _delay(self, attempt: int) -> float:
         return min(MAX_BACKOFF_S, self.backoff * 2 ** (attempt - 1))
 
-    async def predict(self, body: bytes, content_type: str | None = None) -> Prediction:
-        prediction, _ = await self.predict_counted(body, content_type)
+    async def predict(self, body: bytes, content_type: str | None = None,
+                      operating_point: str | None = None) -> Prediction:
+        prediction, _ = await self.predict_counted(body, content_type, operating_point)
         return prediction
 
-    async def predict_counted(self, body: bytes, content_type: str | None = None) -> tuple[Prediction, int]:
-        """The prediction and the number of HTTP requests it took; raises an XrayError."""
-        return await self._post(self.url, body, {"Content-Type": content_type or content_type_for(body)}, Prediction)
+    async def predict_counted(self, body: bytes, content_type: str | None = None,
+                              operating_point: str | None = None) -> tuple[Prediction, int]:
+        """The prediction and the number of HTTP requests it took; raises an XrayError. OPERATING_POINT
+        names one of the card's points (header X-Operating-Point); None: the model's default."""
+        headers = {"Content-Type": content_type or content_type_for(body)}
+        if operating_point:
+            headers[OPERATING_POINT_HEADER] = operating_point
+        return await self._post(self.url, body, headers, Prediction)
 
     async def explain(self, body: bytes, target: str | None = None) -> Explanation:
         """Prediction + Grad-CAM heatmap (POST /explanations/xray) for the predicted or the `target` class."""
@@ -211,7 +218,7 @@ class XrayClient:
         raise XrayUnavailable(url, attempts, cause)
 
     async def predict_many(self, items: Iterable[tuple[str, Body]], progress: bool = True,
-                           desc: str = "predict") -> list[Result]:
+                           desc: str = "predict", operating_point: str | None = None) -> list[Result]:
         """Every (name, bytes or path) item, `concurrency` at a time; results in input order."""
         items = list(items)
         semaphore = asyncio.Semaphore(self.concurrency)
@@ -222,7 +229,7 @@ class XrayClient:
                 data = body.read_bytes() if isinstance(body, Path) else body
                 t0 = time.perf_counter()
                 try:
-                    prediction, attempts = await self.predict_counted(data)
+                    prediction, attempts = await self.predict_counted(data, operating_point=operating_point)
                     result = Result(name, prediction, None, time.perf_counter() - t0, attempts)
                 except XrayError as exc:
                     result = Result(name, None, exc, time.perf_counter() - t0, exc.attempts)
@@ -254,7 +261,8 @@ def _print_results(results: list[Result], as_json: bool) -> None:
     for r in results:
         if r.prediction:
             p = r.prediction
-            print(f"{r.name}: {p.label} P(PNEUMONIA)={p.probability:.4f} (threshold {p.threshold:.4f}; "
+            print(f"{r.name}: {p.label} P(PNEUMONIA)={p.probability:.4f} ({p.operating_point} point, threshold "
+                  f"{p.threshold:.4f}; ood_score {p.ood_score if p.ood_score is not None else '-'}; "
                   f"{p.model} {p.version}, {p.backend} on {p.device}; {r.latency_s * 1000:.0f} ms)")
         else:
             print(f"{r.name}: error: {r.error}")
@@ -290,6 +298,7 @@ def main(argv: list[str] | None = None) -> int:
     pr.add_argument("--key-file", type=Path)
     pr.add_argument("--concurrency", type=int, default=16)
     pr.add_argument("--json", action="store_true", help="print the full predictions as JSON")
+    pr.add_argument("--operating-point", help="balanced (default), high_sensitivity or high_specificity")
     ex = sub.add_parser("explain", help="Grad-CAM heatmap of one image, saved as a PNG overlay")
     ex.add_argument("image", type=Path)
     ex.add_argument("-o", "--output", type=Path, default=Path("overlay.png"))
@@ -308,7 +317,7 @@ def main(argv: list[str] | None = None) -> int:
     async def run() -> list[Result]:
         async with XrayClient(ns.url, ns.token, ns.key_file, concurrency=ns.concurrency) as client:
             return await client.predict_many([(str(path), path) for path in ns.images],
-                                             progress=len(ns.images) > 1)
+                                             progress=len(ns.images) > 1, operating_point=ns.operating_point)
 
     results = asyncio.run(run())
     _print_results(results, ns.json)

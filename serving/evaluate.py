@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 
 from handlers import constants as C
+from serving import trust_report
 from serving.client import Result, XrayClient, XrayHTTPError, XrayUnavailable
 from serving.evaluation import (
     DEFAULT_OUT,
@@ -63,24 +64,32 @@ def evaluate(args: argparse.Namespace) -> int:
     except FileNotFoundError as exc:
         raise EvaluateError(str(exc), 2) from None
 
-    async def run() -> tuple[dict[str, Result], float]:
+    async def run() -> tuple[dict[str, Result], float, dict[str, float]]:
         async with XrayClient(args.url, args.token, args.key_file, concurrency=args.concurrency,
                               timeout=args.timeout, retries=args.retries) as client:
-            return await collect(client, items, args.url)
+            results, wall_s = await collect(client, items, args.url)
+            # Each operating point's threshold as the server applies it: one answered image, once per point.
+            body = next((b for name, b, _ in items if results[name].ok), None)
+            if body is None:
+                return results, wall_s, {}
+            data = body.read_bytes() if isinstance(body, Path) else body
+            return results, wall_s, await trust_report.point_thresholds(client, data)
 
-    results, wall_s = asyncio.run(run())
+    results, wall_s, points = asyncio.run(run())
     if not any(r.ok for r in results.values()):
         raise EvaluateError(f"no image was answered; first error: {next(iter(results.values())).error}", 1)
     report = build_report(items, results, wall_s, {"mode": "live", "url": args.url, "data_dir": args.data_dir,
-                                                   "split": args.split, "concurrency": args.concurrency})
+                                                   "split": args.split, "concurrency": args.concurrency},
+                          points)
     if args.expect:
         served = {p["file"]: p["probability"] for p in report["predictions"]}
-        report["expect"] = compare(args.expect, served, report["threshold"], args.tolerance)
+        report["expect"] = compare(args.expect, served, report["threshold"], args.tolerance,
+                                   set(report["trust"]["ood_refused_radiographs"]))
     write_outputs(report, args.out_dir)
     width = max(len(k) for k, _ in table(report))
     print("\n".join(f"{k:<{width}}  {v}" for k, v in table(report)))
-    print(f"wrote {args.out_dir}/evaluate.json, evaluate.md, roc.png, confusion.png")
-    return check(report, args.min_accuracy)
+    print(f"wrote {args.out_dir}/evaluate.json, evaluate.md, roc.png, reliability.png, confusion.png")
+    return check(report, args.min_accuracy, args.max_false_refusal)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -91,6 +100,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--concurrency", type=int, default=16)
     p.add_argument("--limit", type=int, help="send at most N images, stratified by class (CI)")
     p.add_argument("--min-accuracy", type=float)
+    p.add_argument("--max-false-refusal", type=float, help="fail when the OOD gate refuses more radiographs (0.01)")
     p.add_argument("--expect", type=Path, help="export's predictions_*.json to compare probabilities with")
     p.add_argument("--tolerance", type=float, default=1e-5)
     p.add_argument("--out-dir", type=Path, default=DEFAULT_OUT)

@@ -22,6 +22,7 @@ import numpy as np
 
 from handlers import constants as C
 from handlers.schemas import CLASS_NAMES, Prediction
+from serving import trust_report
 from serving.load import Item, percentiles_ms
 from training.metrics import binary_metrics
 from training.plots import plot_confusion, plot_roc
@@ -47,13 +48,19 @@ class EvaluateError(RuntimeError):
         self.status = status
 
 
-def compare(expect_path: Path, served: dict[str, float], threshold: float, tolerance: float) -> dict[str, Any]:
-    """Served vs offline (export's predictions_*.json) P(PNEUMONIA), by file name."""
+def compare(expect_path: Path, served: dict[str, float], threshold: float, tolerance: float,
+            refused: set[str] | None = None) -> dict[str, Any]:
+    """Served vs offline (export's predictions_*.json) P(PNEUMONIA), by file name; and the OOD gate's
+    decisions: an image refused live must be refused offline, and the other way round."""
+    refused = refused or set()
     try:
         offline_doc = json.loads(Path(expect_path).read_text())
         offline = {p["file"]: float(p["probability"]) for p in offline_doc["predictions"]}
+        offline_refused = {p["file"] for p in offline_doc["predictions"] if p.get("refused")}
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise EvaluateError(f"--expect {expect_path}: not an export predictions file: {exc}", 2) from None
+    sent = set(served) | refused
+    refusal_mismatches = sorted((refused ^ offline_refused) & sent & set(offline))
     common = sorted(set(offline) & set(served))
     if not common:
         raise EvaluateError(f"--expect {expect_path}: none of its files was served (wrong split or data dir?)", 1)
@@ -64,14 +71,19 @@ def compare(expect_path: Path, served: dict[str, float], threshold: float, toler
     return {"path": str(expect_path), "model": offline_doc.get("model"), "threshold": offline_thr,
             "threshold_matches": offline_thr is None or abs(float(offline_thr) - threshold) <= 1e-9,
             "tolerance": tolerance, "compared": len(common), "not_served": len(set(offline) - set(served)),
-            "max_abs_diff": max(diffs.values()), "mismatches": mismatches}
+            "max_abs_diff": max(diffs.values()), "mismatches": mismatches,
+            "refused_live": len(refused), "refusal_mismatches": refusal_mismatches}
 
 
-def build_report(items: list[Item], results: Mapping[str, Answer], wall_s: float, meta: dict[str, Any]) -> dict:
+def build_report(items: list[Item], results: Mapping[str, Answer], wall_s: float, meta: dict[str, Any],
+                 point_thresholds: dict[str, float] | None = None) -> dict:
     """The report of one run. meta: mode ('live' or 'offline'), url or model_file, data_dir, split,
-    concurrency (live) or batch_size (offline)."""
+    concurrency (live) or batch_size (offline). point_thresholds: each operating point's threshold."""
     answered = [(name, label) for name, _, label in items if results[name].ok]
-    unanswered = [{"file": name, "error": str(results[name].error)} for name, _, _ in items if not results[name].ok]
+    # A radiograph the OOD gate refused was answered (422 not_chest_xray): a false refusal, not a failure.
+    refused = [name for name, _, _ in items if trust_report.is_ood_refusal(results[name])]
+    unanswered = [{"file": name, "error": str(results[name].error)} for name, _, _ in items
+                  if not results[name].ok and name not in refused]
     preds = [results[name].prediction for name, _ in answered]
     y = np.asarray([label for _, label in answered])
     prob = np.asarray([p.probability for p in preds])
@@ -92,6 +104,7 @@ def build_report(items: list[Item], results: Mapping[str, Answer], wall_s: float
         "throughput_rps": round(len(items) / wall_s, 2), "wall_s": round(wall_s, 2),
         "concurrency": meta.get("concurrency"), "batch_size": meta.get("batch_size"), "requests_sent": sum(attempts),
         "retried_images": sum(a > 1 for a in attempts),
+        "trust": trust_report.section(y, prob, point_thresholds or {}, refused, len(items)),
         "predictions": [{"file": name, "label": label, "probability": p.probability, "predicted": p.label,
                          "latency_ms": round(results[name].latency_s * 1000, 2),
                          "attempts": results[name].attempts} for (name, label), p in zip(answered, preds, strict=True)],
@@ -110,11 +123,13 @@ def table(report: dict) -> list[tuple[str, str]]:
              ("throughput", f"{report['throughput_rps']:.1f} img/s " + (
                  f"at concurrency {report['concurrency']}" if report["mode"] == "live"
                  else f"in batches of {report['batch_size']}, in process"))]
+    rows += trust_report.rows(report["trust"])
     if "expect" in report:
         e = report["expect"]
         rows.append(("served vs offline" if report["mode"] == "live" else "in process vs export",
                      f"{e['compared']} compared, max abs diff {e['max_abs_diff']:.2e}, "
-                     f"{len(e['mismatches'])} over {e['tolerance']:g}"))
+                     f"{len(e['mismatches'])} over {e['tolerance']:g}; OOD refusals {e['refused_live']}, "
+                     f"{len(e['refusal_mismatches'])} differ"))
     return rows
 
 
@@ -132,19 +147,26 @@ def write_outputs(report: dict, out_dir: Path) -> None:
         lines += ["", "## Mismatches with --expect", ""]
         lines += [f"- {m['file']}: served {m['served']:.6f}, offline {m['offline']:.6f}"
                   for m in report["expect"]["mismatches"][:50]]
-    lines += ["", "![ROC](roc.png) ![confusion](confusion.png)", ""]
+    lines += ["", "![ROC](roc.png) ![reliability](reliability.png) ![confusion](confusion.png)", ""]
     (out_dir / "evaluate.md").write_text("\n".join(lines))
     y = np.asarray([p["label"] for p in report["predictions"]])
     prob = np.asarray([p["probability"] for p in report["predictions"]])
     if len(np.unique(y)) == 2:
         plot_roc(y, prob, out_dir / "roc.png", title=f"ROC ({'served' if live else 'offline'}, {report['split']})")
+        trust_report.draw(y, prob, out_dir / "reliability.png", report["split"])
     pred = (prob >= report["threshold"]).astype(int)
     plot_confusion(y, pred, out_dir / "confusion.png",
                    title=f"{'served' if live else 'offline'}, threshold {report['threshold']:.3f}")
 
 
-def check(report: dict, min_accuracy: float | None) -> int:
+def check(report: dict, min_accuracy: float | None, max_false_refusal: float | None = None) -> int:
     failures = []
+    rate = report["trust"]["false_refusal_rate"]
+    if max_false_refusal is not None and rate > max_false_refusal:
+        failures.append(f"the OOD gate refused {rate:.2%} of the radiographs > --max-false-refusal {max_false_refusal}")
+    if report["served_label_disagrees_with_threshold"]:
+        failures.append(f"{report['served_label_disagrees_with_threshold']} served labels disagree with their "
+                        "probability and threshold")
     if report["unanswered"]:
         names = ", ".join(u["file"] for u in report["unanswered"][:20])
         failures.append(f"{len(report['unanswered'])} image(s) unanswered: {names}")
@@ -158,6 +180,9 @@ def check(report: dict, min_accuracy: float | None) -> int:
                         f"than {expect['tolerance']:g}: {names}")
     if expect and not expect["threshold_matches"]:
         failures.append(f"served threshold {report['threshold']} != offline threshold {expect['threshold']}")
+    if expect and expect["refusal_mismatches"]:
+        failures.append(f"{len(expect['refusal_mismatches'])} images refused live but not offline or the other way "
+                        f"round: {', '.join(expect['refusal_mismatches'][:10])}")
     for failure in failures:
         print(f"error: {failure}", file=sys.stderr)
     return 1 if failures else 0

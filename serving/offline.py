@@ -84,19 +84,21 @@ def evaluate_main(ns: argparse.Namespace) -> int:
         answers = worker.predict_many([(name, body) for name, body, _ in items])
         wall_s = time.perf_counter() - t0
         batch_size = worker.batch_size
+        points = {name: op.threshold for name, op in worker.card.operating_points.items()}
     results = {a.name: a for a in answers}
     if not any(a.ok for a in answers):
         raise EvaluateError(f"no image was answered; first error: {answers[0].error}", 1)
     report = build_report(items, results, wall_s, {"mode": "offline", "model_file": str(ns.model),
                                                    "data_dir": ns.data_dir, "split": ns.split,
-                                                   "batch_size": batch_size})
+                                                   "batch_size": batch_size}, points)
     if ns.expect:
         answered = {p["file"]: p["probability"] for p in report["predictions"]}
-        report["expect"] = compare(ns.expect, answered, report["threshold"], ns.tolerance)
+        report["expect"] = compare(ns.expect, answered, report["threshold"], ns.tolerance,
+                                   set(report["trust"]["ood_refused_radiographs"]))
     write_outputs(report, ns.out_dir)
     width = max(len(k) for k, _ in table(report))
     print("\n".join(f"{k:<{width}}  {v}" for k, v in table(report)))
-    print(f"wrote {ns.out_dir}/evaluate.json, evaluate.md, roc.png, confusion.png")
+    print(f"wrote {ns.out_dir}/evaluate.json, evaluate.md, roc.png, reliability.png, confusion.png")
     return check(report, ns.min_accuracy)
 
 

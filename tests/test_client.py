@@ -143,12 +143,17 @@ def test_evaluate_cli_on_the_live_endpoint(server: ServeSettings, data_dir: Path
                         "--limit", str(EVAL_LIMIT), "--expect", str(export_dir / "predictions_xraynet.json"),
                         "--out-dir", str(out), key_file=server.key_file)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert "roc auc" in proc.stdout and "served vs offline" in proc.stdout
-    for name in ("evaluate.json", "evaluate.md", "roc.png", "confusion.png"):
+    assert "roc auc" in proc.stdout and "served vs offline" in proc.stdout and "ECE (15 bins)" in proc.stdout
+    for name in ("evaluate.json", "evaluate.md", "roc.png", "reliability.png", "confusion.png"):
         assert (out / name).stat().st_size > 0, name
     report = json.loads((out / "evaluate.json").read_text())
     files = [p["file"] for p in report["predictions"]]
-    assert len(files) == len(set(files)) == report["images"] == report["answered"]
+    # A radiograph the OOD gate refused got its answer (422 not_chest_xray): counted apart, not lost.
+    refused = report["trust"]["ood_refused_radiographs"]
+    assert len(files) + len(refused) == len(set(files) | set(refused)) == report["images"]
+    assert len(files) == report["answered"] and report["served_label_disagrees_with_threshold"] == 0
+    assert set(report["trust"]["points"]) == {"balanced", "high_sensitivity", "high_specificity"}
+    assert 0 <= report["trust"]["ece"] <= 1 and 0 <= report["trust"]["brier"] <= 1
     assert abs(report["images"] - EVAL_LIMIT) <= 2 and not report["unanswered"]
     labels = {p["label"] for p in report["predictions"]}
     assert labels == {0, 1}  # stratified: both classes

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from handlers import constants as C
 from handlers import preprocess
 from handlers.backends import load_runner
 from handlers.constants import MODEL_NAME
@@ -42,7 +43,7 @@ def gray(sample_jpeg: bytes) -> np.ndarray:
 
 def test_grad_cam_shape_range_and_it_moves_with_the_content(export_dir: Path, gray: np.ndarray) -> None:
     card = load_runner(export_dir / "xraynet.onnx").card
-    module = load_explainer(export_dir / "xraynet.torchscript.pt", "cpu")
+    module = load_explainer(export_dir / f"xraynet{C.EXPLAINER_SUFFIX}", "cpu")
     dx = gray.shape[1] // 5  # 20 % of the width
     inputs = np.stack([preprocess.preprocess(png_bytes(img), card.input_size, card.mean, card.std)
                        for img in (gray, shifted(gray, dx))])
@@ -56,7 +57,7 @@ def test_grad_cam_shape_range_and_it_moves_with_the_content(export_dir: Path, gr
 
 def test_an_mlp_is_not_explainable(export_dir: Path) -> None:
     with pytest.raises(NotExplainable):
-        load_explainer(export_dir / "mlp_bce.torchscript.pt", "cpu")
+        load_explainer(export_dir / f"mlp_bce{C.EXPLAINER_SUFFIX}", "cpu")
 
 
 def explain(settings: ServeSettings, body: bytes, target: str | None = None) -> httpx.Response:

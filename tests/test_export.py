@@ -24,6 +24,7 @@ from export.onnx_export import OPSET
 from handlers.backends import (
     CARD_KEY,
     INPUT_NAME,
+    OOD_OUTPUT,
     OUTPUT_NAME,
     ModelFileError,
     OnnxRunner,
@@ -71,8 +72,10 @@ def test_both_formats_written_single_file_onnx_valid(export_dir: Path, checkpoin
         proto = onnx.load(str(onnx_path))
         assert not any(t.data_location == onnx.TensorProto.EXTERNAL for t in proto.graph.initializer)
         assert {o.domain: o.version for o in proto.opset_import}[""] == OPSET
-        [inp], [out] = proto.graph.input, proto.graph.output
-        assert (inp.name, out.name) == (INPUT_NAME, OUTPUT_NAME)
+        [inp], outs = proto.graph.input, proto.graph.output
+        # logits, and the OOD score of the detector inside the graph, both with the dynamic batch axis
+        assert (inp.name, [o.name for o in outs]) == (INPUT_NAME, [OUTPUT_NAME, OOD_OUTPUT])
+        assert all(o.type.tensor_type.shape.dim[0].dim_param for o in outs)
         assert inp.type.tensor_type.elem_type == onnx.TensorProto.FLOAT
         dims = inp.type.tensor_type.shape.dim
         card, _, _ = load_checkpoint(checkpoints[family])

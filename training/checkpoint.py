@@ -18,10 +18,12 @@ CHECKPOINT_FORMAT = 1
 
 
 def save_checkpoint(path: str | Path, card: ModelCard, config: dict[str, Any], state_dict: dict[str, torch.Tensor],
-                    history: list[dict[str, Any]]) -> Path:
+                    history: list[dict[str, Any]], ood: dict[str, Any] | None = None) -> Path:
+    """OOD: the detector's statistics (training.trust.detector_state: tensors and plain values), which
+    export puts inside the served graph."""
     path = Path(path)
     torch.save({"format": CHECKPOINT_FORMAT, "card": card.model_dump(mode="json"), "config": config,
-                "state_dict": state_dict, "history": history}, path)
+                "state_dict": state_dict, "history": history, **({"ood": ood} if ood else {})}, path)
     return path
 
 

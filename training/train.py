@@ -24,10 +24,12 @@ from tqdm import tqdm
 
 from handlers.backends import pneumonia_probability
 from handlers.constants import RUNS_DIR
-from handlers.schemas import CLASS_NAMES, ModelCard
+from handlers.schemas import CLASS_NAMES, Calibration, ModelCard
+from handlers.trust import calibrated, margin_of
 from training import data as datalib
+from training import trust
 from training.checkpoint import save_checkpoint
-from training.metrics import binary_metrics, youden_threshold
+from training.metrics import binary_metrics
 from training.models import arch_args, build_model, count_parameters
 from training.plots import plot_curves
 from training.sources import default_data_dir
@@ -105,8 +107,11 @@ def predict(model: torch.nn.Module, x: torch.Tensor, head: str, batch: int = 256
 
 
 def evaluate(model: torch.nn.Module, split: datalib.Split, cfg: TrainConfig, criterion: torch.nn.Module,
-             threshold: float = 0.5) -> dict[str, float]:
+             threshold: float = 0.5, calibration: Calibration | None = None) -> dict[str, float]:
+    """Metrics at THRESHOLD on the probability the server gives: calibrated when CALIBRATION is given."""
     prob, logits = predict(model, split.x, cfg.head)
+    if calibration is not None:
+        prob = calibrated(margin_of(logits.numpy(), cfg.head), calibration)
     out = binary_metrics(split.y.numpy(), prob, threshold)
     out["loss"] = float(criterion(logits, loss_target(cfg, split.y)))
     return out
@@ -156,21 +161,13 @@ def train_one_epoch(model: torch.nn.Module, criterion: torch.nn.Module, optimize
     return {"train_loss": total_loss / len(order), "train_accuracy": correct / len(order)}
 
 
-def tune_threshold(model: torch.nn.Module, val: datalib.Split, cfg: TrainConfig) -> float:
-    """Youden's J on the validation split (0.5 when tuning is off)."""
-    if not cfg.tune_threshold:
-        return 0.5
-    prob, _ = predict(model, val.x, cfg.head)
-    return youden_threshold(val.y.numpy(), prob)
-
-
-def make_card(cfg: TrainConfig, args: dict[str, Any], stats: tuple[float, float], threshold: float,
+def make_card(cfg: TrainConfig, args: dict[str, Any], stats: tuple[float, float], fitted: trust.TrustFit,
               val_metrics: dict[str, Any], test_metrics: dict[str, Any]) -> ModelCard:
     mean, std = stats
     return ModelCard(name=cfg.name, arch=cfg.arch, arch_args=args, head=cfg.head, input_size=cfg.input_size,
-                     mean=mean, std=std, class_names=CLASS_NAMES, threshold=threshold,
+                     mean=mean, std=std, class_names=CLASS_NAMES,
                      val_metrics=_floats(val_metrics), test_metrics=_floats(test_metrics), seed=cfg.seed,
-                     versions={"torch": torch.__version__})
+                     versions={"torch": torch.__version__}, **fitted.card_fields())
 
 
 def write_run(run_dir: Path, cfg: TrainConfig, history: list[dict[str, Any]], result: dict[str, Any]) -> None:
@@ -182,24 +179,28 @@ def write_run(run_dir: Path, cfg: TrainConfig, history: list[dict[str, Any]], re
 
 def finish(model: torch.nn.Module, best: dict[str, Any], history: list[dict[str, Any]], data: dict[str, Any],
            cfg: TrainConfig, criterion: torch.nn.Module, train_seconds: float) -> dict[str, Any]:
-    """After the last epoch: the final weights' accuracy, then the best weights' threshold, card,
-    checkpoint, history and curves. Returns the run's summary (metrics.json), history included."""
+    """After the last epoch: the final weights' accuracy, then for the best weights the OOD detector,
+    calibration and operating points (training/trust.py), card, checkpoint, history and curves.
+    Returns the run's summary (metrics.json), history included."""
     final = {s: evaluate(model, data[s], cfg, criterion)["accuracy"] for s in ("val", "test")}
     model.load_state_dict(best["state"])
-    threshold = tune_threshold(model, data["val"], cfg)
-    val_metrics = evaluate(model, data["val"], cfg, criterion, threshold)
-    test_metrics = evaluate(model, data["test"], cfg, criterion, threshold)
+    # The card's threshold is the default point's, on the calibrated probability the server gives.
+    fitted = trust.fit(model, data, cfg.head, tune=cfg.tune_threshold)
+    threshold = fitted.threshold
+    val_metrics = evaluate(model, data["val"], cfg, criterion, threshold, fitted.calibration)
+    test_metrics = evaluate(model, data["test"], cfg, criterion, threshold, fitted.calibration)
     args = arch_args(cfg.arch, cfg.arch_args)
-    card = make_card(cfg, args, data["stats"], threshold, val_metrics, test_metrics)
+    card = make_card(cfg, args, data["stats"], fitted, val_metrics, test_metrics)
     run_dir = Path(cfg.out_dir) / cfg.name
     run_dir.mkdir(parents=True, exist_ok=True)
-    ckpt = save_checkpoint(run_dir / "best.pt", card, cfg.model_dump(mode="json"), best["state"], history)
+    ckpt = save_checkpoint(run_dir / "best.pt", card, cfg.model_dump(mode="json"), best["state"], history,
+                           ood=fitted.ood_state)
     result = {"name": cfg.name, "config": cfg.model_dump(mode="json"), "params": count_parameters(model),
               "train_seconds": round(train_seconds, 2), "epochs_run": len(history), "best_epoch": best["epoch"],
               "threshold": threshold, "val": val_metrics, "test": test_metrics,
               "final_val_accuracy": final["val"], "final_test_accuracy": final["test"],
               "best_val_accuracy_at_0.5": next(h["val_accuracy"] for h in history if h["epoch"] == best["epoch"]),
-              "checkpoint": str(ckpt)}
+              "trust": trust.summary(fitted, model, data, cfg.head), "checkpoint": str(ckpt)}
     write_run(run_dir, cfg, history, result)
     return result | {"history": history}
 
