@@ -203,10 +203,12 @@ def _export_checkpoint(checkpoint: Path, into: Path) -> Path:
     from export.cards import export_card
     from export.onnx_export import export_onnx
     from training.checkpoint import load_checkpoint
+    from training.trust import guarded
 
     try:
-        card, model, _ = load_checkpoint(checkpoint)
+        card, model, ckpt = load_checkpoint(checkpoint)
     except Exception as exc:
         raise ModelSourceError(f"{checkpoint}: not a training checkpoint nor an exported model: {exc}") from exc
     card = export_card(card, checkpoint)
-    return export_onnx(model, card, into / f"{card.name}.onnx")
+    # The served graph: logits and, with the checkpoint's OOD detector inside, ood_score.
+    return export_onnx(guarded(model, ckpt), card, into / f"{card.name}.onnx")
