@@ -12,7 +12,7 @@ SPLIT ?= test
 BACKEND ?= onnxruntime
 
 .PHONY: setup java test lint train experiments export archive serve stop evaluate bench soak clean help \
-	docker-build docker-run docker-test
+	docker-build docker-run docker-test deploy-check deploy-render
 
 help:
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
@@ -85,3 +85,10 @@ docker-test: setup ## (root) build on a local Debian base, run, predict real ima
 
 clean: ## remove build outputs (keeps .venv and the data cache)
 	rm -rf artifacts/runs artifacts/best artifacts/export model_store/*.mar reports logs .serve
+
+# --- Kubernetes / KServe (deploy/) ---
+deploy-check: setup ## render deploy/ (cpu, gpu, kserve) and validate every object offline (Kubernetes + KServe schemas)
+	$(PY) -m deploy.validate
+
+deploy-render: setup ## print the manifests of OVERLAY (cpu, gpu) or deploy/kserve (OVERLAY=kserve)
+	$(PY) -m deploy.kustomize $(if $(filter kserve,$(OVERLAY)),deploy/kserve,deploy/overlays/$(or $(OVERLAY),cpu))
