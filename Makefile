@@ -35,8 +35,10 @@ test: setup ## lint, then the whole test suite (starts a real TorchServe)
 lint: ## ruff
 	$(VENV)/bin/ruff check .
 
-train: setup ## train the default set; best BCE-MLP, CE-MLP and CNN -> artifacts/best/
-	$(PY) -m training.experiments --study default
+# NPROC=N: every run data-parallel over N processes (torchrun; gloo on CPU, NCCL on CUDA).
+TORCHRUN = $(VENV)/bin/torchrun --standalone --nproc_per_node $(NPROC)
+train: setup ## train the default set; best BCE-MLP, CE-MLP and CNN -> artifacts/best/ (NPROC=N: data-parallel)
+	$(if $(NPROC),$(TORCHRUN),$(PY)) -m training.experiments --study default
 
 experiments: setup ## every course study -> reports/experiments.md (QUICK=1 for the CI-sized grids)
 	$(PY) -m training.experiments --study all --reuse $(if $(QUICK),--quick,)

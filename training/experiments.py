@@ -25,6 +25,7 @@ from typing import Any
 import matplotlib
 import torch
 
+from training import distributed
 from training.plots import plot_bars
 from training.sources import REPO_ROOT, default_data_dir
 from training.train import TrainConfig, load_data, train
@@ -116,7 +117,8 @@ def shared_data(cfg: TrainConfig) -> dict[str, Any]:
     if key not in _DATA:
         while len(_DATA) >= 2:
             _DATA.pop(next(iter(_DATA)))
-        _DATA[key] = load_data(cfg)
+        with distributed.main_first(distributed.init()):  # one rank fills the decode cache
+            _DATA[key] = load_data(cfg)
     return _DATA[key]
 
 
@@ -152,8 +154,9 @@ def run_study(study: str, args: argparse.Namespace) -> list[dict[str, Any]]:
         result |= {"study": study, "note": note, "train_accuracy": history[-1]["train_accuracy"],
                    "curves": str(run_dir / "curves.png")}
         v, t = result["val"], result["test"]
-        print(f"[{study}] {name}: {result['train_seconds']:.1f}s, {result['epochs_run']} ep, val auc "
-              f"{v['roc_auc']:.4f}, test bal {t['balanced_accuracy']:.4f} auc {t['roc_auc']:.4f}", flush=True)
+        if distributed.init().is_main:
+            print(f"[{study}] {name}: {result['train_seconds']:.1f}s, {result['epochs_run']} ep, val auc "
+                  f"{v['roc_auc']:.4f}, test bal {t['balanced_accuracy']:.4f} auc {t['roc_auc']:.4f}", flush=True)
         results.append(result)
     return results
 
@@ -301,18 +304,22 @@ def main(argv: list[str] | None = None) -> None:
     studies = [s for name in args.study for s in (COURSE_STUDIES if name == "all" else [name])]
     if unknown := [s for s in studies if s not in STUDIES]:
         p.error(f"unknown study {unknown}; choose from default, all, {COURSE_STUDIES}")
+    # Under torchrun (make train NPROC=N) every rank runs every study; rank 0 alone writes.
+    d = distributed.init()
     t0 = time.perf_counter()
     for study in studies:
         ts = time.perf_counter()
         results = run_study(study, args)
-        if not results:
+        if not results or not d.is_main:
             continue
         if study == "default":
             write_best(results, args)
         entry = {"quick": args.quick, "seconds": round(time.perf_counter() - ts, 1), "results": results,
                  "created": datetime.now(UTC).isoformat(timespec="seconds")}
         print(f"report -> {write_report({study: entry}, Path(args.reports_dir))}", flush=True)
-    print(f"total {time.perf_counter() - t0:.0f}s")
+    distributed.shutdown(d)
+    if d.is_main:
+        print(f"total {time.perf_counter() - t0:.0f}s")
 
 
 if __name__ == "__main__":

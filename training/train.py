@@ -24,6 +24,7 @@ from tqdm import tqdm
 from handlers.backends import pneumonia_probability
 from handlers.schemas import CLASS_NAMES, ModelCard
 from training import data as datalib
+from training import distributed
 from training.metrics import binary_metrics, youden_threshold
 from training.models import arch_args, build_model, count_parameters
 from training.plots import plot_curves
@@ -96,18 +97,26 @@ def loss_target(cfg: TrainConfig, y: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def predict(model: torch.nn.Module, x: torch.Tensor, head: str, batch: int = 256) -> tuple[np.ndarray, torch.Tensor]:
-    """P(pneumonia) for every image (through the serving probability function) and the logits."""
-    model.eval()
-    logits = torch.cat([model(x[i : i + batch]) for i in range(0, len(x), batch)])
+def predict(model: torch.nn.Module, x: torch.Tensor, head: str, batch: int = 256,
+            d: distributed.Dist | None = None) -> tuple[np.ndarray, torch.Tensor]:
+    """P(pneumonia) for every image (through the serving probability function) and the logits.
+
+    Under torchrun each rank predicts its shard and every rank gets all logits, in order."""
+    d = d or distributed.Dist()
+    model = distributed.unwrap(model).eval()
+    part = x[distributed.shard(len(x), d)]
+    # max(.., 1): a rank whose shard is empty still runs once, so that it knows the logits' shape
+    logits = torch.cat([model(part[i : i + batch].to(d.device)) for i in range(0, max(len(part), 1), batch)])
+    logits = distributed.gather(logits, len(x), d).cpu()
     return pneumonia_probability(logits.numpy(), head), logits
 
 
 def evaluate(model: torch.nn.Module, split: datalib.Split, cfg: TrainConfig, criterion: torch.nn.Module,
-             threshold: float = 0.5) -> dict[str, float]:
-    prob, logits = predict(model, split.x, cfg.head)
+             threshold: float = 0.5, d: distributed.Dist | None = None) -> dict[str, float]:
+    device = (d or distributed.Dist()).device
+    prob, logits = predict(model, split.x, cfg.head, d=d)
     out = binary_metrics(split.y.numpy(), prob, threshold)
-    out["loss"] = float(criterion(logits, loss_target(cfg, split.y)))
+    out["loss"] = float(criterion(logits.to(device), loss_target(cfg, split.y).to(device)))
     return out
 
 
@@ -131,39 +140,50 @@ def make_scheduler(cfg: TrainConfig, opt: torch.optim.Optimizer) -> torch.optim.
 
 
 def train(cfg: TrainConfig, data: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Run one configuration; return its summary (also written to OUT_DIR/NAME/metrics.json)."""
+    """Run one configuration; return its summary (also written to OUT_DIR/NAME/metrics.json).
+
+    Under torchrun (training/distributed.py) every rank runs this and returns the same summary;
+    rank 0 alone writes."""
+    d = distributed.init()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     seed_everything(cfg.seed)
-    data = data or load_data(cfg)
+    if data is None:
+        with distributed.main_first(d):
+            data = load_data(cfg)
     train_split, val_split = data["train"], data["val"]
     mean, std = data["stats"]
     args = arch_args(cfg.arch, cfg.arch_args)
     model = build_model(cfg.arch, cfg.head, cfg.input_size, args)
-    criterion = make_criterion(cfg, train_split.y)
-    opt = make_optimizer(cfg, model)
+    net = distributed.wrap(model, d)  # the same module; in DDP under torchrun
+    criterion = make_criterion(cfg, train_split.y).to(d.device)
+    opt = make_optimizer(cfg, net)
     sched = make_scheduler(cfg, opt)
-    g = torch.Generator().manual_seed(cfg.seed)
+    g = distributed.augment_generator(cfg.seed, d)
+    batch_size = distributed.per_rank_batch(cfg.batch_size, d)
     run_dir = Path(cfg.out_dir) / cfg.name
-    run_dir.mkdir(parents=True, exist_ok=True)
+    if d.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
 
     history: list[dict[str, Any]] = []
     best_score, best_state, best_epoch, stale = -float("inf"), None, 0, 0
     t0 = time.perf_counter()
     bar = tqdm(range(1, cfg.epochs + 1), desc=cfg.name, disable=False if cfg.progress else None,
-               unit="epoch", leave=False)
+               unit="epoch", leave=False) if d.is_main else range(1, cfg.epochs + 1)
     for epoch in bar:
-        model.train()
-        order = torch.randperm(len(train_split), generator=g)
+        net.train()
+        order = (distributed.train_order(len(train_split), epoch, cfg.seed, d) if d.enabled
+                 else torch.randperm(len(train_split), generator=g))
         total_loss, correct = 0.0, 0
-        for i in range(0, len(order), cfg.batch_size):
-            idx = order[i : i + cfg.batch_size]
+        for i in range(0, len(order), batch_size):
+            idx = order[i : i + batch_size]
             if len(idx) < 2 and any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules()):
-                continue  # BatchNorm cannot train on a batch of one
+                continue  # BatchNorm cannot train on a batch of one (all ranks skip alike: equal shards)
             x, y = train_split.x[idx], train_split.y[idx]
             if cfg.augment:
                 x = datalib.augment(x, g)
-            logits = model(x)
+            x, y = x.to(d.device), y.to(d.device)
+            logits = net(x)
             loss = criterion(logits, loss_target(cfg, y))
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -173,46 +193,52 @@ def train(cfg: TrainConfig, data: dict[str, Any] | None = None) -> dict[str, Any
             correct += int((pred.long() == y).sum())
         if sched:
             sched.step()
-        val = evaluate(model, val_split, cfg, criterion)
-        row = {"epoch": epoch, "lr": opt.param_groups[0]["lr"], "train_loss": total_loss / len(order),
-               "train_accuracy": correct / len(order), "val_loss": val["loss"], "val_accuracy": val["accuracy"],
+        total_loss, correct, seen = distributed.sum_all([total_loss, correct, len(order)], d)
+        distributed.sync_buffers(net, d)
+        val = evaluate(net, val_split, cfg, criterion, d=d)
+        row = {"epoch": epoch, "lr": opt.param_groups[0]["lr"], "train_loss": total_loss / seen,
+               "train_accuracy": correct / seen, "val_loss": val["loss"], "val_accuracy": val["accuracy"],
                "val_balanced_accuracy": val["balanced_accuracy"], "val_roc_auc": val["roc_auc"],
                "seconds": time.perf_counter() - t0, "best": False}
         if score(val, cfg.select) > best_score:
             best_score, best_epoch, stale = score(val, cfg.select), epoch, 0
-            best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+            best_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
             row["best"] = True
         else:
             stale += 1
         history.append(row)
-        bar.set_postfix(loss=f"{row['train_loss']:.3f}", val_acc=f"{val['accuracy']:.3f}",
-                        val_auc=f"{val['roc_auc']:.3f}")
+        if d.is_main:
+            bar.set_postfix(loss=f"{row['train_loss']:.3f}", val_acc=f"{val['accuracy']:.3f}",
+                            val_auc=f"{val['roc_auc']:.3f}")
         if cfg.patience and stale >= cfg.patience:
             break
     train_seconds = time.perf_counter() - t0
 
-    final = {s: evaluate(model, data[s], cfg, criterion)["accuracy"] for s in ("val", "test")}
+    final = {s: evaluate(net, data[s], cfg, criterion, d=d)["accuracy"] for s in ("val", "test")}
     model.load_state_dict(best_state)
-    val_prob, _ = predict(model, val_split.x, cfg.head)
+    val_prob, _ = predict(model, val_split.x, cfg.head, d=d)
     threshold = youden_threshold(val_split.y.numpy(), val_prob) if cfg.tune_threshold else 0.5
-    val_metrics = evaluate(model, val_split, cfg, criterion, threshold)
-    test_metrics = evaluate(model, data["test"], cfg, criterion, threshold)
+    val_metrics = evaluate(model, val_split, cfg, criterion, threshold, d=d)
+    test_metrics = evaluate(model, data["test"], cfg, criterion, threshold, d=d)
     card = ModelCard(name=cfg.name, arch=cfg.arch, arch_args=args, head=cfg.head, input_size=cfg.input_size,
                      mean=mean, std=std, class_names=CLASS_NAMES, threshold=threshold,
                      val_metrics=_floats(val_metrics), test_metrics=_floats(test_metrics), seed=cfg.seed,
                      versions={"torch": torch.__version__})
     checkpoint = {"format": CHECKPOINT_FORMAT, "card": card.model_dump(mode="json"),
-                  "config": cfg.model_dump(mode="json"), "state_dict": best_state, "history": history}
-    torch.save(checkpoint, run_dir / "best.pt")
+                  "config": cfg.model_dump(mode="json"), "state_dict": best_state, "history": history,
+                  "world_size": d.world_size}
     result = {"name": cfg.name, "config": cfg.model_dump(mode="json"), "params": count_parameters(model),
               "train_seconds": round(train_seconds, 2), "epochs_run": len(history), "best_epoch": best_epoch,
               "threshold": threshold, "val": val_metrics, "test": test_metrics,
               "final_val_accuracy": final["val"], "final_test_accuracy": final["test"],
               "best_val_accuracy_at_0.5": next(h["val_accuracy"] for h in history if h["epoch"] == best_epoch),
-              "checkpoint": str(run_dir / "best.pt")}
-    (run_dir / "history.json").write_text(json.dumps(history, indent=1))
-    (run_dir / "metrics.json").write_text(json.dumps(result, indent=1))
-    plot_curves(history, run_dir / "curves.png", title=f"{cfg.name}: {cfg.arch}/{cfg.head} @{cfg.input_size}px")
+              "checkpoint": str(run_dir / "best.pt"), "world_size": d.world_size}
+    if d.is_main:
+        torch.save(checkpoint, run_dir / "best.pt")
+        (run_dir / "history.json").write_text(json.dumps(history, indent=1))
+        (run_dir / "metrics.json").write_text(json.dumps(result, indent=1))
+        plot_curves(history, run_dir / "curves.png", title=f"{cfg.name}: {cfg.arch}/{cfg.head} @{cfg.input_size}px")
+    distributed.barrier(d)  # the other ranks may read what rank 0 wrote (make train reads history.json)
     return result
 
 
@@ -258,7 +284,11 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
 
 def main(argv: list[str] | None = None) -> None:
     cfg = parse_args(argv)
+    d = distributed.init()
     result = train(cfg)
+    distributed.shutdown(d)
+    if not d.is_main:
+        return
     v, t = result["val"], result["test"]
     print(f"{cfg.name}: {result['epochs_run']} epochs in {result['train_seconds']:.0f}s, best epoch "
           f"{result['best_epoch']}, threshold {result['threshold']:.3f}\n"
