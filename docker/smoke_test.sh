@@ -148,7 +148,11 @@ log "built $IMAGE ($(docker image inspect -f '{{.Size}}' "$IMAGE" | awk '{printf
 # --- run --------------------------------------------------------------------------------------
 CONTAINER=xray-serve-test-$$
 p0=$PORT_BASE p1=$((PORT_BASE + 1)) p2=$((PORT_BASE + 2))
+# As Kubernetes runs it (deploy/base/deployment.yaml): read-only root filesystem, writable
+# scratch only where the server writes (the Deployment's emptyDirs).
 docker run -d --name "$CONTAINER" --health-interval 5s --health-start-period 240s \
+    --read-only --tmpfs /tmp:exec,mode=1777 --tmpfs /var/lib/xray:uid=10001,gid=10001,mode=0750 \
+    --tmpfs /var/log/xray:uid=10001,gid=10001,mode=0750 \
     -p "127.0.0.1:$p0:8080" -p "127.0.0.1:$p1:8081" -p "127.0.0.1:$p2:8082" \
     -v "$STORE:/app/model_store:ro" "$IMAGE" >/dev/null
 user=$(docker inspect -f '{{.Config.User}}' "$CONTAINER")
