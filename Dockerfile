@@ -48,6 +48,7 @@ RUN --mount=type=secret,id=ca_bundle,target=/run/secrets/ca_bundle.crt \
     && /opt/venv/bin/pip install --find-links /wheels -r requirements-serve.lock \
     && /opt/venv/bin/python -c "import torch, ts, onnxruntime, yaml; assert torch.version.cuda is None, torch.__version__; print('torch', torch.__version__, 'ort', onnxruntime.__version__, onnxruntime.get_available_providers())"
 
+# The XRAY_* paths and the exposed ports are handlers/constants.py's CONTAINER_* and *_PORT (a test keeps them equal).
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONPATH=/app \
     HOME=/var/lib/xray \
@@ -71,7 +72,7 @@ RUN useradd --uid 10001 --user-group --no-create-home --home-dir /var/lib/xray -
 USER 10001:10001
 EXPOSE 8080 8081 8082
 
-# Ready = the management API (key file token) lists a READY worker for "xray" AND a real
+# Ready = the management API (key file token) lists a READY worker for the model AND a real
 # prediction answers 200 with a valid Prediction. /ping alone says Healthy before the model loads.
 HEALTHCHECK --interval=30s --timeout=20s --start-period=120s --retries=3 \
     CMD ["python", "/app/docker/healthcheck.py"]

@@ -7,11 +7,13 @@ export DATA_DIR ?= $(abspath ../shared/data/chest_xray)
 # The CPU torch wheel lives in the machine's wheel folder; never let pip fetch CUDA torch.
 WHEELS ?= /opt/wheels
 PIP_LINKS := $(if $(wildcard $(WHEELS)),--find-links $(WHEELS),)
-URL ?= http://127.0.0.1:8080
+# Deployment constants (model name, ports, paths) come from their one home, handlers/constants.py.
+CONST = $(shell python3 -m handlers.constants $(1))
+URL ?= $(call CONST,INFERENCE_URL)
 SPLIT ?= test
 BACKEND ?= onnxruntime
 
-.PHONY: setup java test lint train experiments export archive serve stop evaluate bench soak clean help \
+.PHONY: setup java test test-fast lint train experiments export archive serve stop evaluate bench soak clean help \
 	docker-build docker-run docker-test deploy-check deploy-render
 
 help:
@@ -32,12 +34,16 @@ test: setup ## lint, then the whole test suite (starts a real TorchServe)
 	$(VENV)/bin/ruff check .
 	$(PY) -m pytest -q
 
+test-fast: setup ## lint, then every test that neither trains nor serves (< 1 min)
+	$(VENV)/bin/ruff check .
+	$(PY) -m pytest -q -m "not server and not slow and not pipeline"
+
 lint: ## ruff
 	$(VENV)/bin/ruff check .
 
 # NPROC=N: every run data-parallel over N processes (torchrun; gloo on CPU, NCCL on CUDA).
 TORCHRUN = $(VENV)/bin/torchrun --standalone --nproc_per_node $(NPROC)
-train: setup ## train the default set; best BCE-MLP, CE-MLP and CNN -> artifacts/best/ (NPROC=N: data-parallel)
+train: setup ## train the default set; best BCE-MLP, CE-MLP and XrayNet -> artifacts/best/ (NPROC=N: data-parallel)
 	$(if $(NPROC),$(TORCHRUN),$(PY)) -m training.experiments --study default
 
 experiments: setup ## every course study -> reports/experiments.md (QUICK=1 for the CI-sized grids)
@@ -68,7 +74,7 @@ soak: setup ## hold concurrency 64 against the live endpoint for MINUTES (defaul
 	$(PY) -m serving.soak --url $(URL) --minutes $(or $(MINUTES),10) --concurrency 64
 
 # --- container (Dockerfile, docker/) ---
-IMAGE ?= xray-serve:latest
+IMAGE ?= $(call CONST,IMAGE)
 # Debian's docker.io CLI has BuildKit built in; a newer CLI needs the buildx plugin for RUN --mount.
 DOCKER ?= $(if $(wildcard /usr/bin/docker),/usr/bin/docker,docker)
 BASE_IMAGE ?=
@@ -86,7 +92,7 @@ docker-test: setup ## (root) build on a local Debian base, run, predict real ima
 	bash docker/smoke_test.sh
 
 clean: ## remove build outputs (keeps .venv and the data cache)
-	rm -rf artifacts/runs artifacts/best artifacts/export model_store/*.mar reports logs .serve
+	rm -rf $(call CONST,RUNS_DIR BEST_DIR EXPORT_DIR REPORTS_DIR LOG_DIR STATE_DIR) $(call CONST,MODEL_STORE)/*.mar
 
 # --- Kubernetes / KServe (deploy/) ---
 deploy-check: setup ## render deploy/ (cpu, gpu, kserve) and validate every object offline (Kubernetes + KServe schemas)

@@ -32,7 +32,7 @@ import jsonschema
 import kubernetes_validate
 
 from deploy.kustomize import render
-from serving.settings import ServeSettings
+from handlers import constants as C
 
 DEPLOY = Path(__file__).resolve().parent
 REPO = DEPLOY.parent
@@ -50,8 +50,8 @@ Obj = dict[str, Any]
 
 
 def _private_ports() -> set[int]:
-    s = ServeSettings()
-    return {s.management_port, s.grpc_inference_port, s.grpc_management_port}
+    """TorchServe's management API and gRPC: never exposed outside the pod."""
+    return {C.MANAGEMENT_PORT, C.GRPC_INFERENCE_PORT, C.GRPC_MANAGEMENT_PORT}
 
 
 @cache

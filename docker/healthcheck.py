@@ -2,32 +2,36 @@
 
 `/ping` says Healthy before the model is loaded (and while its worker crash-loops), so this
 checks (1) the management API, authorised with the key file's management token, lists a READY
-worker for "xray", and (2) a real prediction of a small synthetic radiograph answers 200 with a
+worker for the model, and (2) a real prediction of a small synthetic radiograph answers 200 with a
 body that validates as handlers.schemas.Prediction. Exit 0 = healthy, 1 = not (reason on stdout,
-which `docker inspect` shows). Standard library + pillow/numpy/pydantic from the image.
+which `docker inspect` shows). The image's PYTHONPATH (/app) gives it handlers/ (constants,
+TorchServe's worker list) and serving.settings (the key file reader).
 """
 
 from __future__ import annotations
 
+import argparse
 import io
-import json
 import os
 import sys
 import urllib.error
 import urllib.request
 from pathlib import Path
 
-MODEL = "xray"
-STATE_DIR = Path(os.environ.get("XRAY_STATE_DIR", "/var/lib/xray"))
-KEY_FILE = STATE_DIR / "keys" / "key_file.json"
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root, also outside the image
+
+from handlers import constants as C
+from handlers.torchserve import is_ready, list_workers, worker_statuses
+from serving.settings import read_keys
+
+KEY_FILE = Path(os.environ.get("XRAY_STATE_DIR", C.CONTAINER_STATE_DIR)) / "keys" / C.KEY_FILE_NAME
 TIMEOUT = float(os.environ.get("XRAY_HEALTHCHECK_TIMEOUT", "15"))
 
 
-def _request(url: str, token: str, body: bytes | None = None) -> tuple[int, bytes]:
-    headers = {"Authorization": f"Bearer {token}"}
-    if body is not None:  # urllib's default form content type would make TorchServe parse the image as a form
-        headers["Content-Type"] = "application/octet-stream"
-    req = urllib.request.Request(url, data=body, headers=headers, method="POST" if body is not None else "GET")
+def _request(url: str, token: str, body: bytes) -> tuple[int, bytes]:
+    # urllib's default form content type would make TorchServe parse the image as a form
+    headers = {"Authorization": f"Bearer {token}", "Content-Type": "application/octet-stream"}
+    req = urllib.request.Request(url, data=body, headers=headers, method="POST")
     try:
         with urllib.request.urlopen(req, timeout=TIMEOUT) as r:
             return r.status, r.read()
@@ -45,18 +49,16 @@ def probe_png() -> bytes:
     return buf.getvalue()
 
 
-def check() -> str | None:
+def check(inference_url: str = C.INFERENCE_URL, management_url: str = C.MANAGEMENT_URL,
+          key_file: Path = KEY_FILE) -> str | None:
     """None when healthy, else the reason."""
-    if not KEY_FILE.is_file():
-        return f"no key file yet at {KEY_FILE}"
-    keys = {kind: entry["key"] for kind, entry in json.loads(KEY_FILE.read_text()).items()}
-    code, body = _request(f"http://127.0.0.1:8081/models/{MODEL}", keys["management"])
-    if code != 200:
-        return f"management API answered {code}: {body[:200]!r}"
-    workers = json.loads(body)[0].get("workers", [])
-    if not any(w.get("status") == "READY" for w in workers):
-        return f"no READY worker: {[w.get('status') for w in workers]}"
-    code, body = _request(f"http://127.0.0.1:8080/predictions/{MODEL}", keys["inference"], probe_png())
+    if not key_file.is_file():
+        return f"no key file yet at {key_file}"
+    keys = read_keys(key_file)
+    workers = list_workers(management_url, keys["management"], timeout=TIMEOUT)
+    if not is_ready(workers):
+        return f"no READY worker ({worker_statuses(workers)})"
+    code, body = _request(f"{inference_url}/predictions/{C.MODEL_NAME}", keys["inference"], probe_png())
     if code != 200:
         return f"probe prediction answered {code}: {body[:200]!r}"
     from handlers.schemas import Prediction
@@ -66,9 +68,14 @@ def check() -> str | None:
     return None
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--inference-url", default=C.INFERENCE_URL)
+    p.add_argument("--management-url", default=C.MANAGEMENT_URL)
+    p.add_argument("--key-file", type=Path, default=KEY_FILE)
+    ns = p.parse_args(argv)
     try:
-        reason = check()
+        reason = check(ns.inference_url, ns.management_url, ns.key_file)
     except Exception as exc:  # any failure to check is "unhealthy", with the reason
         reason = f"{type(exc).__name__}: {exc}"
     if reason:

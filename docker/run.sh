@@ -4,29 +4,35 @@
 # model_store/ mounted read-only when it holds xray.mar (else the archive baked into the image is
 # served), then wait for the HEALTHCHECK (READY worker + a real prediction) to say healthy.
 #
-# Env: IMAGE (xray-serve:latest), NAME (xray-serve), DOCKER (docker), PORT (8080; +1 management,
-# +2 metrics), GPUS (auto|all|none|<docker --gpus value>), MODEL_STORE (./model_store), WAIT (300 s; 0 = no wait).
+# Env: IMAGE, NAME (xray-serve), DOCKER (docker), INFERENCE_PORT, MANAGEMENT_PORT, METRICS_PORT (host
+# ports; default: the container's own, handlers/constants.py), GPUS (auto|all|none|<docker --gpus value>),
+# MODEL_STORE (./model_store), WAIT (300 s; 0 = no wait).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-IMAGE=${IMAGE:-xray-serve:latest}
+const() { python3 -m handlers.constants "$@"; }
+read -r c_inf c_man c_met c_model c_mar c_store c_state c_key < <(const INFERENCE_PORT MANAGEMENT_PORT METRICS_PORT \
+    MODEL_NAME MAR_NAME CONTAINER_MODEL_STORE CONTAINER_STATE_DIR KEY_FILE_NAME | paste -sd' ')
+IMAGE=${IMAGE:-$(const IMAGE)}
 NAME=${NAME:-xray-serve}
 DOCKER=${DOCKER:-docker}
-PORT=${PORT:-8080}
+INFERENCE_PORT=${INFERENCE_PORT:-$c_inf}
+MANAGEMENT_PORT=${MANAGEMENT_PORT:-$c_man}
+METRICS_PORT=${METRICS_PORT:-$c_met}
 GPUS=${GPUS:-auto}
-MODEL_STORE=${MODEL_STORE:-$PWD/model_store}
+MODEL_STORE=${MODEL_STORE:-$(const MODEL_STORE)}
 WAIT=${WAIT:-300}
 
-args=(-d --name "$NAME" --restart unless-stopped
-      -p "127.0.0.1:$PORT:8080" -p "127.0.0.1:$((PORT + 1)):8081" -p "127.0.0.1:$((PORT + 2)):8082")
+args=(-d --name "$NAME" --restart unless-stopped -p "127.0.0.1:$INFERENCE_PORT:$c_inf"
+      -p "127.0.0.1:$MANAGEMENT_PORT:$c_man" -p "127.0.0.1:$METRICS_PORT:$c_met")
 if [ "$GPUS" = auto ]; then
     command -v nvidia-smi >/dev/null && nvidia-smi -L >/dev/null 2>&1 && GPUS=all || GPUS=none
 fi
 [ "$GPUS" = none ] || args+=(--gpus "$GPUS")
-if [ -f "$MODEL_STORE/xray.mar" ]; then
-    args+=(-v "$(cd "$MODEL_STORE" && pwd):/app/model_store:ro")
-    echo "docker-run: serving $MODEL_STORE/xray.mar (mounted read-only)"
+if [ -f "$MODEL_STORE/$c_mar" ]; then
+    args+=(-v "$(cd "$MODEL_STORE" && pwd):$c_store:ro")
+    echo "docker-run: serving $MODEL_STORE/$c_mar (mounted read-only)"
 else
-    echo "docker-run: no $MODEL_STORE/xray.mar: serving the archive baked into $IMAGE"
+    echo "docker-run: no $MODEL_STORE/$c_mar: serving the archive baked into $IMAGE"
 fi
 echo "docker-run: $DOCKER run ${args[*]} $IMAGE"
 $DOCKER run "${args[@]}" "$IMAGE" >/dev/null
@@ -43,8 +49,8 @@ while :; do
     fi
     sleep 2
 done
-echo "docker-run: healthy on http://127.0.0.1:$PORT (GPUs: $GPUS)"
-echo "  tokens:  $DOCKER exec $NAME cat /var/lib/xray/keys/key_file.json   (new at every start)"
+echo "docker-run: healthy on http://127.0.0.1:$INFERENCE_PORT (GPUs: $GPUS)"
+echo "  tokens:  $DOCKER exec $NAME cat $c_state/keys/$c_key   (new at every start)"
 echo "  predict: curl -H \"Authorization: Bearer \$INFERENCE_KEY\" --data-binary @image.jpeg" \
-     "http://127.0.0.1:$PORT/predictions/xray"
+     "http://127.0.0.1:$INFERENCE_PORT/predictions/$c_model"
 echo "  stop:    $DOCKER rm -f $NAME"

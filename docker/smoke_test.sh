@@ -17,7 +17,8 @@
 #
 # Env: MAR (an existing xray.mar to serve; default: model_store/xray.mar, else a quick one is
 # trained+exported+archived into the temp dir), DATA_DIR, WHEELS (/opt/wheels), PYTHON (.venv's),
-# IMAGE (xray-serve:test), PORT_BASE (18080: inference, +1 management, +2 metrics),
+# IMAGE (xray-serve:test); the host ports are free ones picked at run time, the container's are
+# handlers/constants.py's,
 # BASE_CACHE (a cached base tarball; default ~/.cache/xray-serve/bookworm-minbase.tar),
 # KEEP_ENGINE=1 (leave the daemon and its data root: faster reruns, prints how to stop it).
 set -euo pipefail
@@ -31,7 +32,9 @@ WHEELS=${WHEELS:-/opt/wheels}
 DATA_DIR=${DATA_DIR:-$(cd "$REPO/.." && pwd)/shared/data/chest_xray}
 IMAGE=${IMAGE:-xray-serve:test}
 BASE_IMAGE_TAG=xray-base:bookworm
-PORT_BASE=${PORT_BASE:-18080}
+const() { "$PYTHON" -m handlers.constants "$@"; }
+read -r c_inf c_man c_met c_mar c_store c_state c_key < <(const INFERENCE_PORT MANAGEMENT_PORT METRICS_PORT \
+    MAR_NAME CONTAINER_MODEL_STORE CONTAINER_STATE_DIR KEY_FILE_NAME | paste -sd' ')
 BASE_CACHE=${BASE_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/xray-serve/bookworm-minbase.tar}
 HEALTH_TIMEOUT=${HEALTH_TIMEOUT:-300}
 export DATA_DIR
@@ -118,12 +121,13 @@ log "base image $BASE_IMAGE_TAG imported"
 STORE="$XD/model_store"
 mkdir -p "$STORE"
 MAR=${MAR:-}
-[ -n "$MAR" ] || { [ -f model_store/xray.mar ] && MAR=model_store/xray.mar; } || true
+local_mar="$(const MODEL_STORE)/$c_mar"
+[ -n "$MAR" ] || { [ -f "$local_mar" ] && MAR=$local_mar; } || true
 if [ -n "$MAR" ]; then
-    cp "$MAR" "$STORE/xray.mar"
+    cp "$MAR" "$STORE/$c_mar"
     log "serving $MAR"
 else
-    log "no model_store/xray.mar: training a quick one (training.experiments --quick, export, export.archive)"
+    log "no $local_mar: training a quick one (training.experiments --quick, export, export.archive)"
     q="$XD/quick"
     "$PYTHON" -m training.experiments --study default --quick --best-dir "$q/best" --runs-dir "$q/runs" \
         --reports-dir "$q/reports" > "$XD/quick.log" 2>&1 \
@@ -132,7 +136,7 @@ else
     || { tail -30 "$XD/quick.log" >&2; exit 1; }
     log "quick archive built"
 fi
-chmod 0755 "$XD" "$STORE"; chmod 0644 "$STORE/xray.mar"   # the container's user 10001 reads it
+chmod 0755 "$XD" "$STORE"; chmod 0644 "$STORE/$c_mar"   # the container's user 10001 reads it
 
 # --- build ------------------------------------------------------------------------------------
 # torch comes from the build-context folder .whl/ (git- and docker-ignored except that wheel).
@@ -147,14 +151,14 @@ log "built $IMAGE ($(docker image inspect -f '{{.Size}}' "$IMAGE" | awk '{printf
 
 # --- run --------------------------------------------------------------------------------------
 CONTAINER=xray-serve-test-$$
-p0=$PORT_BASE p1=$((PORT_BASE + 1)) p2=$((PORT_BASE + 2))
+read -r p0 p1 p2 < <("$PYTHON" -c "from tests.helpers import free_ports; print(*free_ports(3))")
 # As Kubernetes runs it (deploy/base/deployment.yaml): read-only root filesystem, writable
 # scratch only where the server writes (the Deployment's emptyDirs).
 docker run -d --name "$CONTAINER" --health-interval 5s --health-start-period 240s \
-    --read-only --tmpfs /tmp:exec,mode=1777 --tmpfs /var/lib/xray:uid=10001,gid=10001,mode=0750 \
+    --read-only --tmpfs /tmp:exec,mode=1777 --tmpfs "$c_state:uid=10001,gid=10001,mode=0750" \
     --tmpfs /var/log/xray:uid=10001,gid=10001,mode=0750 \
-    -p "127.0.0.1:$p0:8080" -p "127.0.0.1:$p1:8081" -p "127.0.0.1:$p2:8082" \
-    -v "$STORE:/app/model_store:ro" "$IMAGE" >/dev/null
+    -p "127.0.0.1:$p0:$c_inf" -p "127.0.0.1:$p1:$c_man" -p "127.0.0.1:$p2:$c_met" \
+    -v "$STORE:$c_store:ro" "$IMAGE" >/dev/null
 user=$(docker inspect -f '{{.Config.User}}' "$CONTAINER")
 [[ "$user" =~ ^[1-9][0-9]*(:[0-9]+)?$ ]] || { echo "container user '$user' is not a numeric non-root uid" >&2; exit 1; }
 log "container $CONTAINER started as user $user; waiting for healthy (HEALTHCHECK: READY worker + prediction)"
@@ -172,7 +176,7 @@ done
 log "healthy: $(docker inspect -f '{{json .State.Health.Log}}' "$CONTAINER" \
     | "$PYTHON" -c 'import json, sys; print(json.load(sys.stdin)[-1]["Output"].strip())')"
 
-docker exec "$CONTAINER" cat /var/lib/xray/keys/key_file.json > "$XD/key_file.json"
+docker exec "$CONTAINER" cat "$c_state/keys/$c_key" > "$XD/key_file.json"
 [ "$(docker exec "$CONTAINER" id -u)" != 0 ] || { echo "TorchServe runs as root" >&2; exit 1; }
 "$PYTHON" docker/test_container.py --url "http://127.0.0.1:$p0" --management-url "http://127.0.0.1:$p1" \
     --metrics-url "http://127.0.0.1:$p2" --key-file "$XD/key_file.json" --data-dir "$DATA_DIR"

@@ -20,8 +20,10 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root: run as a script
 
+from handlers.constants import MODEL_NAME
 from handlers.schemas import Prediction
-from serving.settings import MODEL_NAME, read_keys
+from handlers.torchserve import is_ready, list_workers, worker_statuses
+from serving.settings import read_keys
 from training.sources import default_data_dir
 
 
@@ -57,11 +59,9 @@ def main(argv: list[str] | None = None) -> int:
 
     with httpx.Client(timeout=60) as c:
         def ready() -> str:
-            r = c.get(f"{ns.management_url}/models/{MODEL_NAME}", headers=mauth)
-            assert r.status_code == 200, f"HTTP {r.status_code}: {r.text[:200]}"
-            statuses = [w["status"] for w in r.json()[0]["workers"]]
-            assert "READY" in statuses, statuses
-            return f"workers {statuses}"
+            workers = list_workers(ns.management_url, keys["management"])
+            assert is_ready(workers), worker_statuses(workers)
+            return f"workers {worker_statuses(workers)}"
 
         check("management API lists a READY worker (management token)", ready)
         correct = 0

@@ -21,11 +21,12 @@ from export import parity
 from export.cards import export_card
 from export.onnx_export import export_onnx
 from export.torchscript import export_torchscript
-from training.sources import REPO_ROOT, default_data_dir
-from training.train import load_checkpoint
+from handlers.constants import BEST_DIR, EXPORT_DIR
+from training.checkpoint import load_checkpoint
+from training.sources import default_data_dir
 
-DEFAULT_BEST = REPO_ROOT / "artifacts" / "best"
-DEFAULT_OUT = REPO_ROOT / "artifacts" / "export"
+DEFAULT_BEST = BEST_DIR
+DEFAULT_OUT = EXPORT_DIR
 
 
 class ExportError(RuntimeError):

@@ -1,6 +1,6 @@
 """python -m export.archive: an exported model + the handlers package -> MODEL_STORE/xray.mar.
 
-    python -m export.archive [--export-dir artifacts/export] [--model cnn]
+    python -m export.archive [--export-dir artifacts/export] [--model xraynet]
                              [--backend onnxruntime|torchscript] [--model-store model_store]
                              [--batch-size 8] [--max-batch-delay 10] [--min-workers 1] [--max-workers 1]
                              [--response-timeout 60] [--threads 0] [--version V]
@@ -15,7 +15,6 @@ folder, checked, then moved over MODEL_STORE/xray.mar.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import subprocess
@@ -27,17 +26,13 @@ from typing import Any
 
 import yaml
 
+from handlers import constants as C
 from handlers.backends import ModelFileError, load_runner
-from training.sources import REPO_ROOT
+from handlers.constants import EXPLAINER_NAME, MANIFEST_PATH, MODEL_CONFIG_NAME, MODEL_NAME, MODEL_SUFFIX
+from handlers.torchserve import read_manifest
 
-MODEL_NAME = "xray"
-HANDLERS_DIR = REPO_ROOT / "handlers"
+HANDLERS_DIR = C.REPO_ROOT / "handlers"
 HANDLER = HANDLERS_DIR / "xray_handler.py"
-SUFFIX = {"onnxruntime": ".onnx", "torchscript": ".torchscript.pt"}
-CONFIG_NAME = "model-config.yaml"
-
-
-EXPLAINER = "explainer.pt"
 
 
 class ArchiveError(RuntimeError):
@@ -47,17 +42,17 @@ class ArchiveError(RuntimeError):
 def model_config(args: argparse.Namespace) -> dict[str, Any]:
     return {"batchSize": args.batch_size, "maxBatchDelay": args.max_batch_delay, "minWorkers": args.min_workers,
             "maxWorkers": args.max_workers, "responseTimeout": args.response_timeout,
-            "handler": {"backend": args.backend, "threads": args.threads, "explainer": EXPLAINER}}
+            "handler": {"backend": args.backend, "threads": args.threads, "explainer": EXPLAINER_NAME}}
 
 
 def stage_explainer(stage: Path, export_dir: Path, model: str) -> list[str]:
     """STAGE/explainer.pt: the TorchScript model, which has gradients for Grad-CAM (ONNX has none)."""
-    src = export_dir / f"{model}{SUFFIX['torchscript']}"
+    src = export_dir / f"{model}{MODEL_SUFFIX['torchscript']}"
     if not src.is_file():
         raise ArchiveError(f"no {src}: the archive carries the TorchScript model for explanations")
     stage.mkdir(parents=True, exist_ok=True)
-    shutil.copy2(src, stage / EXPLAINER)
-    return [EXPLAINER]
+    shutil.copy2(src, stage / EXPLAINER_NAME)
+    return [EXPLAINER_NAME]
 
 
 def stage_handlers(stage: Path, handlers_dir: Path = HANDLERS_DIR) -> list[str]:
@@ -89,20 +84,20 @@ def verify(mar: Path, expected: list[str], config: dict[str, Any], model_file: s
             missing = [n for n in expected if n not in names]
             if missing:
                 raise ArchiveError(f"{mar} lacks {missing}")
-            manifest = json.loads(z.read("MAR-INF/MANIFEST.json"))
-            packed_config = yaml.safe_load(z.read(CONFIG_NAME))
+            packed_config = yaml.safe_load(z.read(MODEL_CONFIG_NAME))
+        manifest = read_manifest(mar)
     except zipfile.BadZipFile as exc:
         raise ArchiveError(f"{mar} is not a zip archive: {exc}") from exc
     model = manifest.get("model", {})
     if model.get("modelName") != MODEL_NAME or model.get("serializedFile") != model_file:
         raise ArchiveError(f"{mar}: unexpected manifest {model}")
     if model.get("modelVersion") != version or packed_config != config:
-        raise ArchiveError(f"{mar}: the packed version or {CONFIG_NAME} differs from what was asked")
+        raise ArchiveError(f"{mar}: the packed version or {MODEL_CONFIG_NAME} differs from what was asked")
     return manifest
 
 
 def build(args: argparse.Namespace) -> dict[str, Any]:
-    model_path = args.export_dir / f"{args.model}{SUFFIX[args.backend]}"
+    model_path = args.export_dir / f"{args.model}{MODEL_SUFFIX[args.backend]}"
     if not model_path.is_file():
         raise ArchiveError(f"no {model_path}: run `python -m export` first (or pick --model/--backend)")
     if not args.handler.is_file():
@@ -111,22 +106,22 @@ def build(args: argparse.Namespace) -> dict[str, Any]:
     version = args.version or f"{card.version}-{(card.checkpoint_sha256 or 'nosha')[:8]}"
     config = model_config(args)
     args.model_store.mkdir(parents=True, exist_ok=True)
-    target = args.model_store / f"{MODEL_NAME}.mar"
+    target = args.model_store / C.MAR_NAME
     with tempfile.TemporaryDirectory(dir=args.model_store, prefix=".archive-") as tmp_name:
         tmp = Path(tmp_name)
         stage, out = tmp / "stage", tmp / "out"
         out.mkdir()
         packed = stage_handlers(stage, args.handlers_dir) + stage_explainer(stage, args.export_dir, args.model)
-        (tmp / CONFIG_NAME).write_text(yaml.safe_dump(config, sort_keys=False))
+        (tmp / MODEL_CONFIG_NAME).write_text(yaml.safe_dump(config, sort_keys=False))
         cmd = [*archiver_command(), "--model-name", MODEL_NAME, "--version", version,
                "--serialized-file", str(model_path), "--handler", str(args.handler),
-               "--extra-files", str(stage), "--config-file", str(tmp / CONFIG_NAME),
+               "--extra-files", str(stage), "--config-file", str(tmp / MODEL_CONFIG_NAME),
                "--export-path", str(out), "--archive-format", "default", "--force"]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0:
             raise ArchiveError(f"torch-model-archiver exited {proc.returncode}:\n{proc.stdout}{proc.stderr}")
-        built = out / f"{MODEL_NAME}.mar"
-        expected = [model_path.name, "MAR-INF/MANIFEST.json", CONFIG_NAME, args.handler.name, *packed]
+        built = out / C.MAR_NAME
+        expected = [model_path.name, MANIFEST_PATH, MODEL_CONFIG_NAME, args.handler.name, *packed]
         verify(built, expected, config, model_path.name, version)
         os.replace(built, target)
     return {"mar": str(target), "model": args.model, "card": card.name, "backend": args.backend,
@@ -135,19 +130,19 @@ def build(args: argparse.Namespace) -> dict[str, Any]:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--export-dir", type=Path, default=REPO_ROOT / "artifacts" / "export")
-    p.add_argument("--model", default="cnn", help="family: cnn, mlp_bce, mlp_ce (a file in --export-dir)")
-    p.add_argument("--backend", choices=sorted(SUFFIX), default="onnxruntime")
-    p.add_argument("--model-store", type=Path, default=REPO_ROOT / "model_store")
-    # Defaults tuned with `make bench` on the 2-core CPU machine (see README, "Tuning"): two
-    # single-threaded workers keep both cores busy, a 2 ms delay keeps a lone request fast while
-    # a queue still fills batches of 8 at once. On a GPU host: one worker per GPU, --threads 0.
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--max-batch-delay", type=int, default=2, help="ms")
-    p.add_argument("--min-workers", type=int, default=2)
-    p.add_argument("--max-workers", type=int, default=2)
-    p.add_argument("--response-timeout", type=int, default=60, help="s")
-    p.add_argument("--threads", type=int, default=1, help="intra-op threads per worker; 0 = the runtime's default")
+    p.add_argument("--export-dir", type=Path, default=C.EXPORT_DIR)
+    p.add_argument("--model", default=C.DEFAULT_FAMILY,
+                   help="family: xraynet, mlp_bce, mlp_ce (a file in --export-dir)")
+    p.add_argument("--backend", choices=sorted(MODEL_SUFFIX), default=C.DEFAULT_BACKEND)
+    p.add_argument("--model-store", type=Path, default=C.MODEL_STORE)
+    # Defaults tuned with `make bench` (see handlers/constants.py and README, "Tuning").
+    p.add_argument("--batch-size", type=int, default=C.BATCH_SIZE)
+    p.add_argument("--max-batch-delay", type=int, default=C.MAX_BATCH_DELAY_MS, help="ms")
+    p.add_argument("--min-workers", type=int, default=C.WORKERS)
+    p.add_argument("--max-workers", type=int, default=C.WORKERS)
+    p.add_argument("--response-timeout", type=int, default=C.RESPONSE_TIMEOUT_S, help="s")
+    p.add_argument("--threads", type=int, default=C.WORKER_THREADS,
+                   help="intra-op threads per worker; 0 = the runtime's default")
     p.add_argument("--version", default=None, help="default: card version + short checkpoint sha256")
     p.add_argument("--handler", type=Path, default=HANDLER, help=argparse.SUPPRESS)
     p.add_argument("--handlers-dir", type=Path, default=HANDLERS_DIR, help=argparse.SUPPRESS)

@@ -23,7 +23,7 @@ class ModelCard(BaseModel):
 
     model_config = ConfigDict(frozen=True, protected_namespaces=())
 
-    name: str = Field(description="run or family name, e.g. 'cnn'")
+    name: str = Field(description="run or family name, e.g. 'xraynet'")
     arch: str = Field(description="key of training.models.ARCHS")
     arch_args: dict[str, Any] = Field(default_factory=dict)
     head: Head

@@ -1,9 +1,16 @@
-"""TorchServe handler for the model "xray": PNG/JPEG/.npy chest X-ray -> pneumonia prediction.
+"""TorchServe handler for the xray model: PNG/JPEG/.npy/DICOM chest X-ray -> pneumonia prediction.
 
-TorchServe hands us a batch of requests. Each is decoded on its own: a bad one gets its own
-4xx and a JSON ErrorBody, and its batch-mates are answered normally. The good ones go
-through one forward pass. The threshold, classes and preprocessing come from the ModelCard
-inside the model file, so nothing here is model-specific.
+BaseHandler's contract, each stage with its usual meaning, and BaseHandler.handle itself (so
+TorchServe's HandlerTime and its `@timed` profiling, `handler: {profile: true}`, stay):
+
+    preprocess   the batch's raw requests -> one XrayRequest each (handlers/request.py): decoded
+                 model input, explain target, or its own 4xx error
+    inference    one forward pass over the valid inputs; Grad-CAM for those that asked for it
+    postprocess  each request -> its JSON body and HTTP status
+
+A bad request is answered alone and never harms its batch-mates. A batch may mix predictions
+and explanations (TorchServe's explain_handle looks at the first request only: here it takes
+the same path). Threshold, classes and preprocessing come from the ModelCard inside the model file.
 """
 
 from __future__ import annotations
@@ -15,17 +22,16 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from ts.handler_utils.timer import timed
 from ts.metrics.metric_type_enum import MetricTypes
 from ts.torch_handler.base_handler import BaseHandler
 
 from handlers.backends import load_runner, pneumonia_probability
-from handlers.batch import Batch, split_requests
 from handlers.explain import NotExplainable, grad_cam, load_explainer, overlay_png
-from handlers.schemas import ErrorBody, Explanation, Prediction
+from handlers.request import XrayRequest, read_request
+from handlers.schemas import Explanation, Prediction
 
 log = logging.getLogger(__name__)
-
-TARGET_HEADER = "x-target-class"
 
 
 class XrayHandler(BaseHandler):
@@ -46,96 +52,88 @@ class XrayHandler(BaseHandler):
                 self.explainer = load_explainer(Path(props["model_dir"]) / settings["explainer"], self.runner.device)
             except NotExplainable as exc:
                 self.not_explainable = str(exc)
-        self.context = context
+        self.context, self.manifest = context, context.manifest  # BaseHandler's profiler reads the manifest
         self.initialized = True
 
-    def handle(self, data: list[dict], context: Any) -> list[dict]:
-        # BaseHandler decides "explain or predict" from request 0 alone; a batch can mix both.
-        self.context = context
-        batch = self.inference(self.preprocess(data))
-        out = self.postprocess(batch)
-        wanted = [k for k, i in enumerate(batch.index) if context.get_request_header(i, "explain") == "True"]
-        if wanted:
-            self.explain_batch(batch, wanted, data, out)
-        return out
-
-    def preprocess(self, requests: list[dict]) -> Batch:
+    @timed
+    def preprocess(self, data: list[dict]) -> list[XrayRequest]:
         t0 = time.perf_counter()
-        batch = split_requests(requests, self.card)
+        requests = [read_request(i, raw, self.context.get_all_request_header(i) or {}, self.card)
+                    for i, raw in enumerate(data)]
+        for r in requests:
+            if r.ok and r.explain and self.explainer is None:
+                r.refuse(422, "not_explainable", self.not_explainable)
         self._metric("XrayPreprocessMs", (time.perf_counter() - t0) * 1000, "ms", MetricTypes.GAUGE)
-        return batch
+        return requests
 
-    def inference(self, batch: Batch, *args: Any, **kwargs: Any) -> Batch:
-        if batch.inputs:
+    @timed
+    def inference(self, requests: list[XrayRequest], *args: Any, **kwargs: Any) -> list[XrayRequest]:
+        good = [r for r in requests if r.ok]
+        if good:
             t0 = time.perf_counter()
-            logits = self.runner(np.stack(batch.inputs))
-            batch.probability = pneumonia_probability(logits, self.card.head)
+            logits = self.runner(np.stack([r.image for r in good]))
+            for r, p in zip(good, pneumonia_probability(logits, self.card.head), strict=True):
+                r.probability = float(p)
             self._metric("XrayInferenceMs", (time.perf_counter() - t0) * 1000, "ms", MetricTypes.GAUGE)
-        self._metric("XrayBatchSize", batch.size, "count", MetricTypes.GAUGE)
+            self._explain([r for r in good if r.explain])
+        bad = len(requests) - len(good)
+        self._metric("XrayBatchSize", len(requests), "count", MetricTypes.GAUGE)
         self._metric("XrayBatches", 1, "count", MetricTypes.COUNTER)
-        self._metric("XrayRequests", batch.size, "count", MetricTypes.COUNTER)
-        self._metric("XrayBadRequests", len(batch.errors), "count", MetricTypes.COUNTER)
-        log.info("batch of %d: %d predicted, %d refused", batch.size, len(batch.inputs), len(batch.errors))
-        return batch
+        self._metric("XrayRequests", len(requests), "count", MetricTypes.COUNTER)
+        self._metric("XrayBadRequests", bad, "count", MetricTypes.COUNTER)
+        log.info("batch of %d: %d predicted, %d refused", len(requests), len(good), bad)
+        return requests
 
-    def postprocess(self, batch: Batch) -> list[dict]:
-        out: list[dict] = [{}] * batch.size
-        names = self.card.class_names
-        for k, i in enumerate(batch.index):
-            p = float(batch.probability[k])
-            out[i] = Prediction(label=names[int(p >= self.card.threshold)], probability=p,
-                                probabilities={names[0]: 1.0 - p, names[1]: p}, threshold=self.card.threshold,
-                                model=self.card.name, version=self.version, backend=self.runner.backend,
-                                device=self.runner.device).model_dump()
-        for i, err in batch.errors.items():
-            self._refuse(i, err, out)
-        for i in range(batch.size):
-            if i not in batch.errors:
-                self.context.set_response_status(200, "OK", i)
-            self.context.set_response_content_type(i, "application/json")
+    @timed
+    def postprocess(self, requests: list[XrayRequest]) -> list[dict]:
+        out = []
+        for r in requests:
+            body = self._answer(r)
+            code = r.error.code if r.error else 200
+            self.context.set_response_status(code, HTTPStatus(code).phrase, r.index)
+            self.context.set_response_content_type(r.index, "application/json")
+            out.append(body)
         return out
 
-    def explain_batch(self, batch: Batch, wanted: list[int], requests: list[dict], out: list[dict]) -> None:
-        """Replace the predictions of the requests that asked for it by a Grad-CAM explanation."""
-        names = self.card.class_names
-        ok, targets = [], []
-        for k in wanted:
-            i = batch.index[k]
-            target = self._target(i, requests[i]) or out[i]["label"]
-            if self.explainer is None:
-                self._refuse(i, ErrorBody(code=422, type="not_explainable", message=self.not_explainable), out)
-                continue
-            if target.upper() not in names:
-                message = f"target '{target}' is not one of {names}"
-                self._refuse(i, ErrorBody(code=400, type="invalid_target", message=message), out)
-                continue
-            ok.append(k)
-            targets.append(names.index(target.upper()))
-        if not ok:
+    def explain_handle(self, data_preprocess: list[XrayRequest], raw_data: list[dict]) -> list[dict]:
+        # BaseHandler.handle comes here when the batch's FIRST request asks for an explanation;
+        # each request carries its own choice, so both paths are the same.
+        return self.postprocess(self.inference(data_preprocess))
+
+    def _explain(self, requests: list[XrayRequest]) -> None:
+        """Grad-CAM heatmaps for the requests that asked, for their target or their predicted class."""
+        if not requests:
             return
         t0 = time.perf_counter()
-        inputs = np.stack([batch.inputs[k] for k in ok])
-        cams = grad_cam(self.explainer, inputs, self.card.head, targets, self.runner.device)
-        for k, target, cam, x in zip(ok, targets, cams, inputs, strict=True):
-            gray = x[0] * self.card.std + self.card.mean  # back to the [0, 1] image the model saw
-            i = batch.index[k]
-            out[i] = Explanation(prediction=Prediction.model_validate(out[i]), target=names[target],
-                                 heatmap=np.round(cam, 4).tolist(), overlay_png=overlay_png(gray, cam)).model_dump()
+        for r in requests:
+            if r.target is None:
+                r.target = int(r.probability >= self.card.threshold)
+        try:
+            cams = grad_cam(self.explainer, np.stack([r.image for r in requests]), self.card.head,
+                            [r.target for r in requests], self.runner.device)
+        except Exception as exc:  # the predictions of the batch stand; only these requests fail
+            log.exception("Grad-CAM failed for %d requests", len(requests))
+            for r in requests:
+                r.refuse(500, "internal_error", f"explanation failed: {exc}")
+            return
+        for r, cam in zip(requests, cams, strict=True):
+            r.heatmap = cam
         self._metric("XrayExplainMs", (time.perf_counter() - t0) * 1000, "ms", MetricTypes.GAUGE)
 
-    def _target(self, i: int, request: dict) -> str | None:
-        """The class to explain: multipart field 'target' or header X-Target-Class (TorchServe drops
-        query parameters of raw-body requests)."""
-        value = request.get("target")
-        if value is None:
-            headers = self.context.get_all_request_header(i) or {}
-            value = next((v for k, v in headers.items() if str(k).lower() == TARGET_HEADER), None)
-        return value.decode() if isinstance(value, bytes | bytearray) else value
-
-    def _refuse(self, i: int, err: ErrorBody, out: list[dict]) -> None:
-        self.context.set_response_status(err.code, HTTPStatus(err.code).phrase, i)
-        out[i] = err.model_dump()
+    def _answer(self, r: XrayRequest) -> dict:
+        if r.error:
+            return r.error.model_dump()
+        names = self.card.class_names
+        p = r.probability
+        prediction = Prediction(label=names[int(p >= self.card.threshold)], probability=p,
+                                probabilities={names[0]: 1.0 - p, names[1]: p}, threshold=self.card.threshold,
+                                model=self.card.name, version=self.version, backend=self.runner.backend,
+                                device=self.runner.device)
+        if not r.explain:
+            return prediction.model_dump()
+        gray = r.image[0] * self.card.std + self.card.mean  # back to the [0, 1] image the model saw
+        return Explanation(prediction=prediction, target=names[r.target], heatmap=np.round(r.heatmap, 4).tolist(),
+                           overlay_png=overlay_png(gray, r.heatmap)).model_dump()
 
     def _metric(self, name: str, value: float, unit: str, kind: MetricTypes) -> None:
         self.context.metrics.add_metric(name, round(float(value), 3), unit, None, [], kind)
-

@@ -1,8 +1,8 @@
 """make bench: the in-process pipeline limit vs the live endpoint at several concurrency levels.
 
-    python -m serving.bench [--url http://127.0.0.1:8080] [--metrics-url URL] [--start]
+    python -m serving.bench [--url INFERENCE_URL] [--metrics-url METRICS_URL] [--start]
                             [--load wrk|httpx] [--seconds 10] [--concurrency 1,8,32,64]
-                            [--model cnn.onnx | --mar model_store/xray.mar] [--out reports]
+                            [--model xraynet.onnx | --mar model_store/xray.mar] [--out reports]
 
 (a) In process: decode + handlers.preprocess + ONNX Runtime (handlers.backends.load_runner) on the
     same image bytes: single-image latency, and throughput in batches of the server's batch size.
@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import re
 import shutil
 import subprocess
 import sys
@@ -30,44 +29,31 @@ import time
 import zipfile
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
-import httpx
 import numpy as np
-import yaml
 
+from handlers import constants as C
 from handlers.backends import load_runner, pneumonia_probability
 from handlers.preprocess import preprocess
+from handlers.torchserve import read_manifest, read_model_config
 from serving import launcher
 from serving.client import XrayClient, XrayError
-from serving.evaluate import list_items, stratified
+from serving.load import endpoint_level, load_bodies, metric_sum, percentiles_ms
 from serving.settings import ServeSettings
-from training.sources import REPO_ROOT, default_data_dir
+from training.sources import default_data_dir
 
-DEFAULT_ONNX = REPO_ROOT / "artifacts" / "export" / "cnn.onnx"
-DEFAULT_MAR = REPO_ROOT / "model_store" / "xray.mar"
+DEFAULT_ONNX = C.EXPORT_DIR / f"{C.DEFAULT_FAMILY}{C.MODEL_SUFFIX['onnxruntime']}"
+DEFAULT_MAR = C.MODEL_STORE / C.MAR_NAME
 THROUGHPUT_TARGET = 0.7
 LATENCY_FACTOR, LATENCY_SLACK_MS = 1.5, 5.0
 
 
-def ms(values: list[float], q: float) -> float:
-    return round(float(np.percentile(np.asarray(values) * 1000, q)), 2) if values else float("nan")
-
-
 def model_from_mar(mar: Path, into: Path) -> tuple[Path, int | None]:
-    """The serialized model and batchSize of a .mar (a zip with MAR-INF/MANIFEST.json)."""
+    """The serialized model (extracted into `into`) and batchSize of a .mar."""
+    name = read_manifest(mar)["model"]["serializedFile"]
     with zipfile.ZipFile(mar) as z:
-        manifest = json.loads(z.read("MAR-INF/MANIFEST.json"))["model"]
-        name = manifest["serializedFile"]
         z.extract(name, into)
-        config = yaml.safe_load(z.read(manifest["configFile"])) if manifest.get("configFile") else {}
-    return into / name, (config or {}).get("batchSize")
-
-
-def load_bodies(data_dir: Path, n: int) -> list[bytes]:
-    """n test images of both classes, as the bytes a client would send."""
-    items = stratified(list_items(data_dir, "test"), n)
-    return [body.read_bytes() if isinstance(body, Path) else body for _, body, _ in items]
+    return into / name, read_model_config(mar).get("batchSize")
 
 
 def in_process(model: Path, bodies: list[bytes], batch_size: int, passes: int = 3) -> dict[str, Any]:
@@ -91,44 +77,9 @@ def in_process(model: Path, bodies: list[bytes], batch_size: int, passes: int = 
             run(bodies[i : i + batch_size])
     batched_s = time.perf_counter() - t0
     return {"model": str(model), "card": card.name, "batch_size": batch_size, "images": len(bodies) * passes,
-            "single_p50_ms": ms(single, 50), "single_p99_ms": ms(single, 99),
+            "single_p50_ms": percentiles_ms(single)["p50"], "single_p99_ms": percentiles_ms(single)["p99"],
             "single_rps": round(len(single) / sum(single), 2),
             "throughput_rps": round(len(bodies) * passes / batched_s, 2)}
-
-
-def metric_sum(metrics_url: str, name: str) -> float | None:
-    try:
-        text = httpx.get(f"{metrics_url.rstrip('/')}/metrics", timeout=10).text
-    except httpx.HTTPError:
-        return None
-    values = [float(m.group(1)) for m in re.finditer(rf"^{name}{{[^}}]*}} ([0-9.eE+-]+)$", text, re.M)]
-    return sum(values) if values else None
-
-
-async def endpoint_level(client: XrayClient, bodies: list[bytes], requests: int, seconds: float) -> dict[str, Any]:
-    latencies: list[float] = []
-    errors: list[str] = []
-    sent = 0
-    deadline = time.perf_counter() + seconds
-
-    async def worker() -> None:
-        nonlocal sent
-        while sent < requests and time.perf_counter() < deadline:
-            body = bodies[sent % len(bodies)]
-            sent += 1
-            t0 = time.perf_counter()
-            try:
-                await client.predict(body)
-                latencies.append(time.perf_counter() - t0)
-            except XrayError as exc:
-                errors.append(str(exc))
-
-    t0 = time.perf_counter()
-    await asyncio.gather(*(worker() for _ in range(client.concurrency)))
-    wall = time.perf_counter() - t0
-    return {"concurrency": client.concurrency, "requests": sent, "errors": len(errors), "wall_s": round(wall, 2),
-            "throughput_rps": round(len(latencies) / wall, 2), "p50_ms": ms(latencies, 50),
-            "p99_ms": ms(latencies, 99), "first_error": errors[0] if errors else None}
 
 
 # wrk cycles through the same image bodies; done() prints the exact percentiles as one JSON line.
@@ -266,8 +217,8 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--url", default="http://127.0.0.1:8080")
-    p.add_argument("--metrics-url", help="default: the --url host, port + 2 (TorchServe's default layout)")
+    p.add_argument("--url", default=C.INFERENCE_URL)
+    p.add_argument("--metrics-url", default=C.METRICS_URL)
     p.add_argument("--start", action="store_true", help="start TorchServe (default settings) and stop it after")
     p.add_argument("--load", choices=["wrk", "httpx"], default="wrk" if shutil.which("wrk") else "httpx",
                    help="load generator: wrk (default where installed) or the project's async httpx client")
@@ -281,12 +232,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int)
     p.add_argument("--token")
     p.add_argument("--key-file", type=Path)
-    p.add_argument("--out", type=Path, default=REPO_ROOT / "reports", help="folder for bench.json and bench.md")
-    args = p.parse_args(argv)
-    if not args.metrics_url:
-        u = urlsplit(args.url)
-        args.metrics_url = f"{u.scheme}://{u.hostname}:{(u.port or 80) + 2}"
-    return args
+    p.add_argument("--out", type=Path, default=C.REPORTS_DIR, help="folder for bench.json and bench.md")
+    return p.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:

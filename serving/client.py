@@ -1,13 +1,13 @@
 """Async httpx client for POST /predictions/xray: retries, token refresh, bounded concurrency.
 
-    python -m serving.client predict IMAGE [IMAGE...] [--url http://127.0.0.1:8080] [--json]
+    python -m serving.client predict IMAGE [IMAGE...] [--url INFERENCE_URL] [--json]
     python -m serving.client explain IMAGE -o overlay.png [--target NORMAL|PNEUMONIA]
 
-    async with XrayClient("http://127.0.0.1:8080") as client:
+    async with XrayClient(INFERENCE_URL) as client:
         prediction = await client.predict(jpeg_bytes)
         results = await client.predict_many([("a.jpeg", path_a), ("b.npy", npy_bytes)])
 
-    predict_sync(jpeg_bytes, url="http://127.0.0.1:8080")  # one-off, blocking
+    predict_sync(jpeg_bytes, url=INFERENCE_URL)  # one-off, blocking
 
 Every 200 answer is validated as a Prediction. A 4xx raises XrayHTTPError carrying the server's
 ErrorBody and is never retried, except a refused token (TorchServe 0.12: 400
@@ -33,11 +33,12 @@ import httpx
 from pydantic import ValidationError
 from tqdm import tqdm
 
+from handlers.constants import INFERENCE_URL, MODEL_NAME
 from handlers.preprocess import sniff
 from handlers.schemas import ErrorBody, Explanation, Prediction
 from serving import settings
 
-DEFAULT_URL = "http://127.0.0.1:8080"
+DEFAULT_URL = INFERENCE_URL
 RETRY_STATUSES = frozenset({502, 503, 504, 507})
 MAX_BACKOFF_S = 8.0
 CONTENT_TYPES = {"png": "image/png", "jpeg": "image/jpeg"}
@@ -98,7 +99,7 @@ def content_type_for(body: bytes) -> str:
     return CONTENT_TYPES.get(sniff(body), "application/octet-stream")
 
 
-def endpoint(url: str, model: str = settings.MODEL_NAME) -> str:
+def endpoint(url: str, model: str = MODEL_NAME) -> str:
     url = url.rstrip("/")
     return url if "/predictions/" in url else f"{url}/predictions/{model}"
 

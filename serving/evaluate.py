@@ -1,8 +1,8 @@
 """make evaluate: every image of a split through the live endpoint -> clinical metrics and latency.
 
-    python -m serving.evaluate [--url http://127.0.0.1:8080] [--data-dir D] [--split test]
+    python -m serving.evaluate [--url INFERENCE_URL] [--data-dir D] [--split test]
                                [--concurrency 16] [--limit N] [--min-accuracy A]
-                               [--expect artifacts/export/predictions_cnn.json] [--tolerance 1e-5]
+                               [--expect artifacts/export/predictions_xraynet.json] [--tolerance 1e-5]
                                [--out-dir reports/evaluate]
 
 D is an ImageFolder tree (SPLIT/{NORMAL,PNEUMONIA}/*.jpeg) or a folder with the course's
@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import io
 import json
 import sys
 import time
@@ -27,14 +26,15 @@ from typing import Any
 
 import numpy as np
 
+from handlers import constants as C
 from handlers.schemas import CLASS_NAMES
-from serving.client import Body, Result, XrayClient, XrayHTTPError, XrayUnavailable
+from serving.client import Result, XrayClient, XrayHTTPError, XrayUnavailable
+from serving.load import Item, list_items, percentiles_ms, stratified
 from training.metrics import binary_metrics
 from training.plots import plot_confusion, plot_roc
-from training.sources import REPO_ROOT, default_data_dir, detect_format, find_npy_split, list_image_folder
+from training.sources import default_data_dir
 
-DEFAULT_OUT = REPO_ROOT / "reports" / "evaluate"
-Item = tuple[str, Body, int]  # name (relative to the data dir), body, label
+DEFAULT_OUT = C.REPORTS_DIR / "evaluate"
 
 
 class EvaluateError(RuntimeError):
@@ -43,48 +43,6 @@ class EvaluateError(RuntimeError):
     def __init__(self, message: str, status: int = 1) -> None:
         super().__init__(message)
         self.status = status
-
-
-def npy_bytes(arr: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    np.save(buf, arr, allow_pickle=False)
-    return buf.getvalue()
-
-
-def list_items(data_dir: Path, split: str) -> list[Item]:
-    """Every image of the split: files of an ImageFolder tree, or the arrays of the course's .npy files."""
-    try:
-        fmt = detect_format(data_dir)
-    except FileNotFoundError as exc:
-        raise EvaluateError(str(exc), 2) from None
-    if fmt == "imagefolder":
-        try:
-            return [(path.relative_to(data_dir).as_posix(), path, label)
-                    for path, label in list_image_folder(data_dir, split)]
-        except FileNotFoundError as exc:
-            raise EvaluateError(str(exc), 2) from None
-    found = find_npy_split(data_dir, split) if fmt == "npy" else None
-    if found is None:
-        raise EvaluateError(f"{data_dir}: no {split} images (ImageFolder or course .npy files)", 2)
-    items: list[Item] = []
-    for label, path in enumerate(found):
-        arr = np.load(path, allow_pickle=False)
-        arr = arr[None] if arr.ndim == 2 else arr
-        # The same names as training.sources.iter_split gives these arrays.
-        items += [(f"{split}/{CLASS_NAMES[label]}/{i:05d}", npy_bytes(a), label) for i, a in enumerate(arr)]
-    return items
-
-
-def stratified(items: list[Item], limit: int | None) -> list[Item]:
-    """At most `limit` items, each class in its share (at least one), evenly spaced in sorted order."""
-    if not limit or limit >= len(items):
-        return items
-    out: list[Item] = []
-    for label in (0, 1):
-        group = [it for it in items if it[2] == label]
-        k = min(len(group), max(1, round(limit * len(group) / len(items))))
-        out += [group[i] for i in np.linspace(0, len(group) - 1, k).round().astype(int)]
-    return out
 
 
 async def collect(client: XrayClient, items: list[Item], url: str) -> tuple[dict[str, Result], float]:
@@ -126,12 +84,6 @@ def compare(expect_path: Path, served: dict[str, float], threshold: float, toler
             "max_abs_diff": max(diffs.values()), "mismatches": mismatches}
 
 
-def percentiles(latencies_s: list[float]) -> dict[str, float]:
-    ms = np.asarray(latencies_s) * 1000
-    return {f"p{q}": round(float(np.percentile(ms, q)), 2) for q in (50, 95, 99)} | {
-        "mean": round(float(ms.mean()), 2), "max": round(float(ms.max()), 2)}
-
-
 def build_report(items: list[Item], results: dict[str, Result], wall_s: float, args: argparse.Namespace) -> dict:
     answered = [(name, label) for name, _, label in items if results[name].ok]
     unanswered = [{"file": name, "error": str(results[name].error)} for name, _, _ in items if not results[name].ok]
@@ -150,7 +102,7 @@ def build_report(items: list[Item], results: dict[str, Result], wall_s: float, a
         "metrics": binary_metrics(y, prob, thresholds[0]),
         "served_label_disagrees_with_threshold": sum(
             p.label != CLASS_NAMES[int(p.probability >= p.threshold)] for p in preds),
-        "latency_ms": percentiles([results[name].latency_s for name, _ in answered]),
+        "latency_ms": percentiles_ms([results[name].latency_s for name, _ in answered]),
         "throughput_rps": round(len(items) / wall_s, 2), "wall_s": round(wall_s, 2),
         "concurrency": args.concurrency, "requests_sent": sum(attempts),
         "retried_images": sum(a > 1 for a in attempts),
@@ -200,7 +152,10 @@ def write_outputs(report: dict, out_dir: Path) -> None:
 
 
 def evaluate(args: argparse.Namespace) -> int:
-    items = stratified(list_items(args.data_dir, args.split), args.limit)
+    try:
+        items = stratified(list_items(args.data_dir, args.split), args.limit)
+    except FileNotFoundError as exc:
+        raise EvaluateError(str(exc), 2) from None
 
     async def run() -> tuple[dict[str, Result], float]:
         async with XrayClient(args.url, args.token, args.key_file, concurrency=args.concurrency,
@@ -243,7 +198,7 @@ def check(report: dict, min_accuracy: float | None) -> int:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--url", default="http://127.0.0.1:8080")
+    p.add_argument("--url", default=C.INFERENCE_URL)
     p.add_argument("--data-dir", type=Path, default=default_data_dir())
     p.add_argument("--split", default="test")
     p.add_argument("--concurrency", type=int, default=16)

@@ -5,8 +5,8 @@
     python -m serving.launcher stop
 
 `/ping` answers Healthy before the model is loaded (and while workers crash-loop), so
-readiness here means: the management API lists a READY worker for "xray", then an actual
-POST /predictions/xray answers 200 with a valid Prediction. Everything TorchServe writes
+readiness here means: the management API lists a READY worker for the model, then an actual
+POST /predictions/<model> answers 200 with a valid Prediction. Everything TorchServe writes
 (pid file, key file, temp dirs) goes under the state dir, logs under the log dir.
 """
 
@@ -26,8 +26,10 @@ import httpx
 import numpy as np
 from PIL import Image
 
+from handlers.constants import MODEL_NAME
 from handlers.schemas import Prediction
-from serving.settings import MODEL_NAME, ServeSettings, read_keys
+from handlers.torchserve import is_ready, list_workers, worker_statuses
+from serving.settings import ServeSettings, read_keys
 
 PID_FILE = ".model_server.pid"
 
@@ -74,17 +76,6 @@ def probe_image() -> bytes:
     buf = io.BytesIO()
     Image.fromarray(np.random.default_rng(0).integers(0, 255, (224, 224), dtype=np.uint8)).save(buf, "PNG")
     return buf.getvalue()
-
-
-def list_workers(management_url: str, management_token: str | None, timeout: float = 10) -> list[dict]:
-    """The model's workers (id, pid, status, ...) as the management API lists them; [] when it
-    answers anything but 200. Connection errors are raised (httpx.TransportError)."""
-    headers = {"Authorization": f"Bearer {management_token}"} if management_token else {}
-    r = httpx.get(f"{management_url}/models/{MODEL_NAME}", timeout=timeout, headers=headers)
-    try:
-        return list(r.json()[0].get("workers", [])) if r.status_code == 200 else []
-    except (ValueError, IndexError, AttributeError):
-        return []
 
 
 def log_tail(s: ServeSettings, n: int = 40, name: str = "model_log.log") -> str:
@@ -140,10 +131,10 @@ def wait_ready(s: ServeSettings, timeout: float = 240) -> Prediction:
         keys = read_keys(s.key_file)
         try:
             workers = list_workers(s.management_url, keys["management"], timeout=5)
-        except httpx.TransportError:
+        except OSError:
             continue
-        status = ", ".join(w.get("status", "?") for w in workers) or "no worker listed yet"
-        if any(w.get("status") == "READY" for w in workers):
+        status = worker_statuses(workers)
+        if is_ready(workers):
             r = httpx.post(f"{s.inference_url}/predictions/{MODEL_NAME}", content=probe_image(), timeout=60,
                            headers={"Authorization": f"Bearer {keys['inference']}"})
             if r.status_code == 200:
@@ -177,8 +168,9 @@ def status(s: ServeSettings) -> str:
         return "stopped"
     keys = read_keys(s.key_file) if s.key_file.is_file() else {}
     try:
-        workers = [f"{w['id']}:{w['status']}" for w in list_workers(s.management_url, keys.get("management"), 5)]
-    except (httpx.HTTPError, KeyError):
+        listed = list_workers(s.management_url, keys.get("management"), timeout=5)
+        workers = [f"{w['id']}:{w['status']}" for w in listed]
+    except (OSError, KeyError):
         workers = []
     return f"running (pid {pid}) at {s.inference_url}; workers {workers or 'unknown'}; key file {s.key_file}"
 

@@ -17,25 +17,26 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, IPvAnyAddress
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-MODEL_NAME = "xray"
-KEY_FILE_NAME = "key_file.json"
+from handlers import constants as C
+from handlers.constants import KEY_FILE_NAME, MODEL_NAME, REPO_ROOT
 
 
 class ServeSettings(BaseModel):
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
 
-    host: IPvAnyAddress = Field(default="127.0.0.1", description="every port binds here; 0.0.0.0 only in a container")
-    inference_port: int = Field(default=8080, ge=1, le=65535)
-    management_port: int = Field(default=8081, ge=1, le=65535)
-    metrics_port: int = Field(default=8082, ge=1, le=65535)
-    grpc_inference_port: int = Field(default=7070, ge=1, le=65535)
-    grpc_management_port: int = Field(default=7071, ge=1, le=65535)
-    initial_worker_port: int = Field(default=9000, ge=1, le=65535, description="worker sockets .ts.sock.<port>")
+    host: IPvAnyAddress = Field(default=C.HOST, description="every port binds here; 0.0.0.0 only in a container")
+    inference_port: int = Field(default=C.INFERENCE_PORT, ge=1, le=65535)
+    management_port: int = Field(default=C.MANAGEMENT_PORT, ge=1, le=65535)
+    metrics_port: int = Field(default=C.METRICS_PORT, ge=1, le=65535)
+    grpc_inference_port: int = Field(default=C.GRPC_INFERENCE_PORT, ge=1, le=65535)
+    grpc_management_port: int = Field(default=C.GRPC_MANAGEMENT_PORT, ge=1, le=65535)
+    initial_worker_port: int = Field(default=C.INITIAL_WORKER_PORT, ge=1, le=65535,
+                                     description="worker sockets .ts.sock.<port>")
     # Relative paths are relative to the repository root (see resolved()).
-    model_store: Path = Path("model_store")
-    state_dir: Path = Field(default=Path(".serve"), description="pid, key file, temp dirs (git-ignored)")
-    log_dir: Path = Path("logs")
+    model_store: Path = C.MODEL_STORE.relative_to(REPO_ROOT)
+    state_dir: Path = Field(default=C.STATE_DIR.relative_to(REPO_ROOT),
+                            description="pid, key file, temp dirs (git-ignored)")
+    log_dir: Path = C.LOG_DIR.relative_to(REPO_ROOT)
     max_request_size: int = Field(default=16 * 1024 * 1024, gt=0, description="bytes; larger bodies get 413")
     token_expiration_min: float = Field(default=60, gt=0)
     job_queue_size: int = Field(default=256, ge=1)
@@ -48,7 +49,7 @@ class ServeSettings(BaseModel):
         return self.model_copy(update=paths)
 
     def url(self, port: int) -> str:
-        host = "127.0.0.1" if str(self.host) == "0.0.0.0" else str(self.host)
+        host = C.HOST if str(self.host) == "0.0.0.0" else str(self.host)
         return f"http://{host}:{port}"
 
     @property

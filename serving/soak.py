@@ -22,10 +22,11 @@ from pathlib import Path
 
 import psutil
 
-from serving.bench import endpoint_level, load_bodies
-from serving.client import DEFAULT_URL, XrayClient
-from serving.launcher import list_workers
-from serving.settings import REPO_ROOT, token
+from handlers import constants as C
+from handlers.torchserve import list_workers
+from serving.client import XrayClient
+from serving.load import endpoint_level, load_bodies
+from serving.settings import token
 from training.sources import default_data_dir
 
 
@@ -61,8 +62,8 @@ async def soak(url: str, management_url: str, bodies: list[bytes], seconds: floa
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--url", default=DEFAULT_URL)
-    p.add_argument("--management-url", help="default: URL's port + 1")
+    p.add_argument("--url", default=C.INFERENCE_URL)
+    p.add_argument("--management-url", default=C.MANAGEMENT_URL)
     p.add_argument("--minutes", type=float)
     p.add_argument("--seconds", type=float, default=60)
     p.add_argument("--concurrency", type=int, default=64)
@@ -71,14 +72,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--images", type=int, default=64, help="distinct test images cycled through")
     p.add_argument("--data-dir", type=Path, default=None)
     p.add_argument("--key-file", type=Path)
-    p.add_argument("--out", type=Path, default=REPO_ROOT / "reports" / "soak.json")
+    p.add_argument("--out", type=Path, default=C.REPORTS_DIR / "soak.json")
     ns = p.parse_args(argv)
     seconds = ns.minutes * 60 if ns.minutes else ns.seconds
     warmup = ns.warmup if ns.warmup is not None else min(60.0, 0.2 * seconds)
-    host, port = ns.url.rstrip("/").rsplit(":", 1)
-    management = ns.management_url or f"{host}:{int(port) + 1}"
     bodies = load_bodies(ns.data_dir or default_data_dir(), ns.images)
-    report = asyncio.run(soak(ns.url, management, bodies, seconds, ns.concurrency, warmup, ns.key_file))
+    report = asyncio.run(soak(ns.url, ns.management_url, bodies, seconds, ns.concurrency, warmup, ns.key_file))
     ns.out.parent.mkdir(parents=True, exist_ok=True)
     ns.out.write_text(json.dumps(report, indent=1))
     print(json.dumps(report, indent=1))

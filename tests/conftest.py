@@ -13,11 +13,10 @@ from pathlib import Path
 
 import pytest
 
+from handlers.constants import DATA_DIR as SHARED_DATA
 from serving import launcher
 from serving.settings import ServeSettings
-from tests.helpers import REPO, make_image_folder, run_cli, serve_settings
-
-SHARED_DATA = REPO.parent / "shared" / "data" / "chest_xray"
+from tests.helpers import make_image_folder, run_cli, serve_settings
 
 
 @pytest.fixture(scope="session")
@@ -78,3 +77,14 @@ def server(tmp_path_factory: pytest.TempPathFactory, model_store: Path) -> Itera
         yield settings
     finally:
         launcher.stop(settings)
+
+
+# Fixtures that train (the CI-sized pipeline, test_training's tiny runs) or start a server.
+PIPELINE_FIXTURES = {"best_dir", "export_dir", "model_store", "server", "tiny_data", "tiny_run"}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark every test that trains or serves, so `make test-fast` can leave them out."""
+    for item in items:
+        if PIPELINE_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.pipeline)

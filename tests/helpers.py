@@ -13,9 +13,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from handlers.constants import REPO_ROOT as REPO
+from handlers.torchserve import list_workers
 from serving.settings import ServeSettings, read_keys
 
-REPO = Path(__file__).resolve().parents[1]
 CLASSES = ("NORMAL", "PNEUMONIA")
 
 
@@ -84,6 +85,4 @@ def keys(settings: ServeSettings) -> dict[str, str]:
 
 def workers(settings: ServeSettings) -> list[dict]:
     """The model's workers as the management API lists them (id, pid, status, ...)."""
-    from serving.launcher import list_workers
-
     return list_workers(settings.management_url, keys(settings)["management"])

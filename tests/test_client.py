@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from handlers.constants import MODEL_NAME
 from handlers.schemas import Prediction
 from serving.client import XrayClient, XrayHTTPError, XrayInvalidResponse, XrayUnavailable, predict_sync
 from serving.settings import ServeSettings
@@ -159,7 +160,7 @@ def test_evaluate_cli_on_the_live_endpoint(server: ServeSettings, data_dir: Path
                                            tmp_path: Path) -> None:
     out = tmp_path / "eval"
     proc = evaluate_cli("--url", server.inference_url, "--data-dir", str(data_dir), "--split", "test",
-                        "--limit", str(EVAL_LIMIT), "--expect", str(export_dir / "predictions_cnn.json"),
+                        "--limit", str(EVAL_LIMIT), "--expect", str(export_dir / "predictions_xraynet.json"),
                         "--out-dir", str(out), key_file=server.key_file)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "roc auc" in proc.stdout and "served vs offline" in proc.stdout
@@ -235,7 +236,7 @@ def test_client_copes_with_token_expiry(tmp_path: Path, model_store: Path, sampl
                 await c.predict(sample_jpeg)  # a fresh key: answered
                 await asyncio.sleep(max(0.0, born + 13 - time.time()))
                 stale = await asyncio.to_thread(
-                    httpx.post, f"{s.inference_url}/predictions/xray", content=sample_jpeg, timeout=30,
+                    httpx.post, f"{s.inference_url}/predictions/{MODEL_NAME}", content=sample_jpeg, timeout=30,
                     headers={"Authorization": f"Bearer {c.token}", "Content-Type": "image/jpeg"})
                 assert stale.status_code == 400 and "InvalidKeyException" in stale.text, "the key did not expire"
                 r = await asyncio.to_thread(httpx.get, f"{s.management_url}/token", params={"type": "inference"},

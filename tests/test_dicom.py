@@ -13,6 +13,7 @@ from pydicom.encaps import encapsulate
 from pydicom.uid import JPEG2000Lossless, JPEGBaseline8Bit, generate_uid
 
 from handlers import preprocess
+from handlers.constants import MODEL_NAME
 from handlers.preprocess import PreprocessError
 from handlers.schemas import ErrorBody, Prediction
 from serving.settings import ServeSettings
@@ -114,7 +115,7 @@ def test_truncated_dicom(gray: np.ndarray) -> None:
 @pytest.mark.slow
 def test_server_answers_dicom_like_jpeg(server: ServeSettings, sample_jpeg: bytes, gray: np.ndarray) -> None:
     def post(body: bytes, ctype: str) -> httpx.Response:
-        return httpx.post(f"{server.inference_url}/predictions/xray", content=body, timeout=60,
+        return httpx.post(f"{server.inference_url}/predictions/{MODEL_NAME}", content=body, timeout=60,
                           headers={"Authorization": f"Bearer {keys(server)['inference']}", "Content-Type": ctype})
 
     jpeg = Prediction.model_validate(post(sample_jpeg, "image/jpeg").json())

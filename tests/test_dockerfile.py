@@ -14,9 +14,10 @@ from pathlib import Path
 
 import pytest
 
-dockerfile_parse = pytest.importorskip("dockerfile_parse", reason="dockerfile-parse is not installed")
+from handlers import constants as C
+from handlers.constants import REPO_ROOT as REPO
 
-REPO = Path(__file__).resolve().parents[1]
+dockerfile_parse = pytest.importorskip("dockerfile_parse", reason="dockerfile-parse is not installed")
 DOCKERFILE = REPO / "Dockerfile"
 
 
@@ -40,9 +41,12 @@ def test_user_is_numeric_and_not_root(instructions):
     assert m.group(2) is None or int(m.group(2)) != 0, "group 0 is root's"
 
 
-def test_exposes_the_three_http_ports(instructions):
+def test_exposes_the_three_http_ports_and_the_container_paths_of_the_constants(instructions):
     ports = {p.split("/")[0] for v in values(instructions, "EXPOSE") for p in v.split()}
-    assert ports == {"8080", "8081", "8082"}
+    assert ports == {str(p) for p in (C.INFERENCE_PORT, C.MANAGEMENT_PORT, C.METRICS_PORT)}
+    env = dict(kv.split("=", 1) for v in values(instructions, "ENV") for kv in v.split() if "=" in kv)
+    assert env["XRAY_STATE_DIR"] == str(C.CONTAINER_STATE_DIR) and env["XRAY_LOG_DIR"] == str(C.CONTAINER_LOG_DIR)
+    assert env["XRAY_MODEL_STORE"] == str(C.CONTAINER_MODEL_STORE)
 
 
 def test_healthcheck_checks_the_model_not_only_ping(instructions):
@@ -53,33 +57,35 @@ def test_healthcheck_checks_the_model_not_only_ping(instructions):
     cmd = value.split("CMD", 1)[1]
     if "/ping" in cmd:
         assert "/predictions/" in cmd or "/models/" in cmd, "/ping says Healthy before the model is loaded"
-    script = re.search(r"(/app/)?(docker/\S+\.py)", cmd)
-    assert script, f"HEALTHCHECK should run docker/healthcheck.py, got {cmd!r}"
-    src = (REPO / script.group(2)).read_text()
-    # readiness: a READY worker through the management API with the key file's token, and a prediction
-    for needle in ("READY", "/models/", "key_file.json", "/predictions/", "Bearer", "Prediction"):
-        assert needle in src, f"{script.group(2)} does not check {needle!r}"
+    assert re.search(r"(/app/)?docker/healthcheck\.py", cmd), f"HEALTHCHECK should run docker/healthcheck.py: {cmd!r}"
+    # what healthcheck.py decides is tested against a real TorchServe in tests/test_serving.py
 
 
-def test_entrypoint_is_exec_form_and_runs_torchserve_in_the_foreground(instructions):
+def test_entrypoint_is_exec_form(instructions):
     entry = values(instructions, "ENTRYPOINT")
     assert len(entry) == 1
     argv = json.loads(entry[0])  # exec form = a JSON array, so signals reach the process
     assert isinstance(argv, list) and all(isinstance(a, str) for a in argv)
-    script = next(a for a in argv if a.endswith(".sh"))
-    src = (REPO / script.removeprefix("/app/")).read_text()
-    assert "--foreground" in src and "ts.model_server" in src and re.search(r"^exec ", src, re.M)
-    assert "serving.settings --host 0.0.0.0" in src, "the container config must be rendered by serving.settings"
+    assert (REPO / next(a for a in argv if a.endswith(".sh")).removeprefix("/app/")).is_file()
     assert not [v for v in values(instructions, "CMD") if not v.lstrip().startswith("[")], "CMD in shell form"
+    # that TorchServe runs in the foreground and stops on SIGTERM is tried by `make docker-test`
+
+
+def test_entrypoint_refuses_to_start_without_an_archive(tmp_path: Path):
+    env = {"PATH": f"{Path(sys.executable).parent}:/usr/bin:/bin", "PYTHONPATH": str(REPO),
+           "XRAY_MODEL_STORE": str(tmp_path / "store"), "XRAY_STATE_DIR": str(tmp_path / "state"),
+           "XRAY_LOG_DIR": str(tmp_path / "logs")}
+    out = subprocess.run(["bash", str(REPO / "docker" / "entrypoint.sh")], env=env, cwd=REPO, capture_output=True,
+                         text=True, timeout=60)
+    assert out.returncode == 2 and f"{tmp_path / 'store'}/{C.MAR_NAME} not found" in out.stderr, out.stderr
 
 
 def test_container_config_has_token_auth_on_and_model_api_off():
     from serving.settings import ServeSettings
 
-    props = ServeSettings(host="0.0.0.0").properties()
-    assert "disable_token_authorization=false" in props
-    assert "enable_model_api=false" in props
-    assert "inference_address=http://0.0.0.0:8080" in props
+    props = dict(line.split("=", 1) for line in ServeSettings(host="0.0.0.0").properties().splitlines())
+    assert props["disable_token_authorization"] == "false" and props["enable_model_api"] == "false"
+    assert props["inference_address"] == f"http://0.0.0.0:{C.INFERENCE_PORT}"
 
 
 def test_base_image_is_cuda_13_with_cudnn(instructions):
@@ -94,26 +100,6 @@ def test_base_image_is_cuda_13_with_cudnn(instructions):
     assert first_from["value"].split()[0] in ("${BASE_IMAGE}", "$BASE_IMAGE")
 
 
-def pip_installs(instructions: list[dict]) -> list[str]:
-    cmds = []
-    for run in values(instructions, "RUN"):
-        cmds += [c for c in re.split(r"&&|;|\|\|", run) if re.search(r"\bpip3?(\.\d+)? install\b", c)]
-    return cmds
-
-
-def test_torch_only_from_the_cpu_wheel_dir(instructions):
-    torch = re.compile(r"(?<![\w-])torch(?=[=<>~!\s\"']|-\d|$)")  # torch, torch==x, torch-2.13.0*.whl; not torchserve
-    installs = pip_installs(instructions)
-    assert installs, "no pip install?"
-    torch_installs = [c for c in installs if torch.search(c.replace("torch-model-archiver", ""))]
-    assert torch_installs, "torch should be installed explicitly from the wheel dir"
-    for cmd in torch_installs:
-        assert "--no-index" in cmd and "/wheels/" in cmd, f"torch from an index could be CUDA torch: {cmd}"
-    for cmd in installs:  # the rest may see the wheel dir, and the result is checked to be CPU torch
-        assert "--index-url" not in cmd and "download.pytorch.org" not in cmd, cmd
-    assert any("torch.version.cuda is None" in run for run in values(instructions, "RUN"))
-
-
 def test_no_secrets_baked_in(instructions):
     secretish = re.compile(r"key_file|\.pem\b|\.key\b|\.crt\b|ca-certificates|\.env\b|token|secret|id_rsa", re.I)
     for name in ("COPY", "ADD"):
@@ -122,9 +108,6 @@ def test_no_secrets_baked_in(instructions):
     for name in ("ENV", "ARG"):
         for v in values(instructions, name):
             assert not re.search(r"(TOKEN|PASSWORD|SECRET|API_KEY|PIP_CERT)\w*=", v, re.I), f"{name} {v}"
-    # the CA bundle for pip arrives as a BuildKit secret mount, never as a file in the context
-    runs = values(instructions, "RUN")
-    assert any("--mount=type=secret" in r and "PIP_CERT" in r for r in runs)
     ignore = (REPO / ".dockerignore").read_text().splitlines()
     assert ignore[next(i for i, s in enumerate(ignore) if s and not s.startswith("#"))] == "*", \
         ".dockerignore should start from '*' (a whitelist)"

@@ -14,6 +14,7 @@ from PIL import Image
 
 from handlers import preprocess
 from handlers.backends import load_runner
+from handlers.constants import MODEL_NAME
 from handlers.explain import NotExplainable, grad_cam, load_explainer
 from handlers.schemas import ErrorBody, Explanation, Prediction
 from serving.settings import ServeSettings
@@ -40,8 +41,8 @@ def gray(sample_jpeg: bytes) -> np.ndarray:
 
 
 def test_grad_cam_shape_range_and_it_moves_with_the_content(export_dir: Path, gray: np.ndarray) -> None:
-    card = load_runner(export_dir / "cnn.onnx").card
-    module = load_explainer(export_dir / "cnn.torchscript.pt", "cpu")
+    card = load_runner(export_dir / "xraynet.onnx").card
+    module = load_explainer(export_dir / "xraynet.torchscript.pt", "cpu")
     dx = gray.shape[1] // 5  # 20 % of the width
     inputs = np.stack([preprocess.preprocess(png_bytes(img), card.input_size, card.mean, card.std)
                        for img in (gray, shifted(gray, dx))])
@@ -62,7 +63,7 @@ def explain(settings: ServeSettings, body: bytes, target: str | None = None) -> 
     headers = {"Authorization": f"Bearer {keys(settings)['inference']}", "Content-Type": "application/octet-stream"}
     if target:
         headers["X-Target-Class"] = target
-    return httpx.post(f"{settings.inference_url}/explanations/xray", content=body, headers=headers, timeout=60)
+    return httpx.post(f"{settings.inference_url}/explanations/{MODEL_NAME}", content=body, headers=headers, timeout=60)
 
 
 @pytest.mark.server
@@ -82,7 +83,7 @@ def test_explanations_endpoint(server: ServeSettings, sample_jpeg: bytes) -> Non
     assert chosen.target == other and not np.allclose(np.asarray(chosen.heatmap), cam)
     bad = explain(server, sample_jpeg, target="KNEE")
     assert bad.status_code == 400 and ErrorBody.model_validate(bad.json()).type == "invalid_target"
-    multipart = httpx.post(f"{server.inference_url}/explanations/xray", timeout=60,
+    multipart = httpx.post(f"{server.inference_url}/explanations/{MODEL_NAME}", timeout=60,
                            headers={"Authorization": f"Bearer {keys(server)['inference']}"},
                            files={"data": ("x.jpeg", sample_jpeg, "image/jpeg")}, data={"target": other})
     assert Explanation.model_validate(multipart.json()).target == other
@@ -93,7 +94,7 @@ def test_explanations_endpoint(server: ServeSettings, sample_jpeg: bytes) -> Non
 @pytest.mark.slow
 def test_predictions_and_explanations_share_a_batch(server: ServeSettings, sample_jpeg: bytes) -> None:
     def predict() -> httpx.Response:
-        return httpx.post(f"{server.inference_url}/predictions/xray", content=sample_jpeg, timeout=60,
+        return httpx.post(f"{server.inference_url}/predictions/{MODEL_NAME}", content=sample_jpeg, timeout=60,
                           headers={"Authorization": f"Bearer {keys(server)['inference']}",
                                    "Content-Type": "image/jpeg"})
 

@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from serving.bench import metric_sum
+from handlers.torchserve import READY
+from serving.load import metric_sum
 from serving.settings import ServeSettings
 from tests.helpers import REPO, run_cli, workers
 
@@ -38,7 +39,7 @@ def test_a_killed_worker_loses_no_image(server: ServeSettings, export_dir: Path,
     seen = metric_sum(server.metrics_url, "XrayRequests")
     proc = subprocess.Popen(
         [sys.executable, "-m", "serving.evaluate", "--url", server.inference_url, "--key-file", str(server.key_file),
-         "--data-dir", str(data_dir), "--expect", str(export_dir / "predictions_cnn.json"),
+         "--data-dir", str(data_dir), "--expect", str(export_dir / "predictions_xraynet.json"),
          "--out-dir", str(tmp_path), "--concurrency", "16"],
         cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
@@ -49,7 +50,7 @@ def test_a_killed_worker_loses_no_image(server: ServeSettings, export_dir: Path,
         killed = time.monotonic()
         def recovered() -> bool:  # every worker READY again, the killed one replaced
             now = workers(server)
-            return len(now) == len(before) and all(w["status"] == "READY" and w["pid"] != pid for w in now)
+            return len(now) == len(before) and all(w["status"] == READY and w["pid"] != pid for w in now)
 
         while not recovered():
             assert time.monotonic() - killed < 120, "TorchServe did not restart the worker"

@@ -7,6 +7,7 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import pytest
 
+from handlers.constants import MODEL_NAME
 from handlers.schemas import ErrorBody, Prediction
 from serving.settings import ServeSettings
 from tests.bad_inputs import Case, cases
@@ -17,7 +18,7 @@ pytestmark = [pytest.mark.server, pytest.mark.slow]
 
 def post(settings: ServeSettings, body: bytes, content_type: str) -> httpx.Response:
     headers = {"Authorization": f"Bearer {keys(settings)['inference']}", "Content-Type": content_type}
-    return httpx.post(f"{settings.inference_url}/predictions/xray", content=body, headers=headers, timeout=60)
+    return httpx.post(f"{settings.inference_url}/predictions/{MODEL_NAME}", content=body, headers=headers, timeout=60)
 
 
 def worker_pids(settings: ServeSettings) -> list[int]:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import io
 import json
+import subprocess
+import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -12,10 +14,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from handlers.constants import MODEL_NAME, REPO_ROOT
 from handlers.schemas import ErrorBody, Prediction
 from serving import launcher
-from serving.bench import metric_sum
-from serving.settings import REPO_ROOT, ServeSettings
+from serving.load import metric_sum
+from serving.settings import ServeSettings
 from tests.helpers import keys, serve_settings
 
 pytestmark = [pytest.mark.server, pytest.mark.slow]
@@ -27,8 +30,8 @@ def predict(settings: ServeSettings, body: bytes, token: str | None = "auto", **
         token = keys(settings)["inference"]
     if token:
         headers["Authorization"] = f"Bearer {token}"
-    return httpx.post(f"{settings.inference_url}/predictions/xray", content=body if not kw.get("files") else None,
-                      headers=headers, timeout=60, **kw)
+    return httpx.post(f"{settings.inference_url}/predictions/{MODEL_NAME}",
+                      content=body if not kw.get("files") else None, headers=headers, timeout=60, **kw)
 
 
 def test_png_and_jpeg_answer_with_the_schema(server: ServeSettings, sample_jpeg: bytes) -> None:
@@ -91,7 +94,7 @@ def test_model_api_is_off(server: ServeSettings) -> None:
     headers = {"Authorization": f"Bearer {keys(server)['management']}"}
     r = httpx.post(f"{server.management_url}/models", params={"url": "xray.mar"}, headers=headers, timeout=10)
     assert r.status_code == 405, r.text
-    r = httpx.get(f"{server.management_url}/models/xray", headers=headers, timeout=10)
+    r = httpx.get(f"{server.management_url}/models/{MODEL_NAME}", headers=headers, timeout=10)
     assert r.status_code == 200 and r.json()[0]["batchSize"] == 8
 
 
@@ -108,7 +111,7 @@ def test_committed_config_is_the_rendered_default() -> None:
 
 
 def test_served_probabilities_equal_offline_onnx(server: ServeSettings, export_dir: Path, data_dir: Path) -> None:
-    offline = json.loads((export_dir / "predictions_cnn.json").read_text())["predictions"]
+    offline = json.loads((export_dir / "predictions_xraynet.json").read_text())["predictions"]
     assert len(offline) >= 100
 
     def served(item: dict) -> tuple[dict, httpx.Response]:
@@ -140,3 +143,19 @@ def test_a_second_instance_starts_beside_and_stops_cleanly(tmp_path: Path, model
         httpx.get(f"{other.inference_url}/ping", timeout=2)
     assert not other.key_file.exists()
     assert predict(server, sample_jpeg).status_code == 200
+
+
+def test_container_healthcheck_says_healthy_only_when_the_model_answers(server: ServeSettings, tmp_path: Path) -> None:
+    def healthcheck(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, str(REPO_ROOT / "docker" / "healthcheck.py"), *args],
+                              capture_output=True, text=True, timeout=60)
+
+    urls = ["--inference-url", server.inference_url, "--management-url", server.management_url]
+    ok = healthcheck(*urls, "--key-file", str(server.key_file))
+    assert ok.returncode == 0 and ok.stdout.startswith("healthy:"), ok.stdout + ok.stderr
+    wrong = tmp_path / "key_file.json"
+    wrong.write_text(json.dumps({k: {"key": "wrong"} for k in ("inference", "management", "API")}))
+    refused = healthcheck(*urls, "--key-file", str(wrong))
+    assert refused.returncode == 1 and "no READY worker" in refused.stdout, refused.stdout
+    missing = healthcheck(*urls, "--key-file", str(tmp_path / "absent.json"))
+    assert missing.returncode == 1 and "no key file" in missing.stdout

@@ -11,9 +11,10 @@ import pytest
 import torch
 
 from training import experiments
+from training.checkpoint import load_checkpoint
 from training.metrics import binary_metrics
 from training.models import ARCHS, arch_args, build_model
-from training.train import TrainConfig, load_checkpoint, load_data, predict, train
+from training.train import TrainConfig, load_data, predict, train
 
 
 def tiny_config(data_dir: Path, out_dir: Path, **kw: Any) -> TrainConfig:
@@ -94,10 +95,18 @@ def test_heads(arch: str, size: int) -> None:
 def test_run_outputs(tiny_run: dict) -> None:
     run_dir = Path(tiny_run["checkpoint"]).parent
     history = json.loads((run_dir / "history.json").read_text())
+    assert history == tiny_run["history"], "train() returns the history it writes"
     assert [h["epoch"] for h in history] == [1, 2]
-    assert sum(h["best"] for h in history) >= 1
+    # "best" marks exactly the epochs whose validation ROC AUC beat every earlier one
+    aucs = [h["val_roc_auc"] for h in history]
+    assert [h["best"] for h in history] == [a > max(aucs[:i], default=-1.0) for i, a in enumerate(aucs)]
+    assert tiny_run["best_epoch"] == max(h["epoch"] for h in history if h["best"])
+    # the checkpoint holds the best epoch's weights: its card's val AUC is that epoch's
+    card = torch.load(tiny_run["checkpoint"], weights_only=True)["card"]
+    assert card["val_metrics"]["roc_auc"] == pytest.approx(aucs[tiny_run["best_epoch"] - 1], abs=1e-12)
     assert (run_dir / "curves.png").stat().st_size > 1000
-    assert json.loads((run_dir / "metrics.json").read_text())["val"] == tiny_run["val"]
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["val"] == tiny_run["val"] and "history" not in metrics
 
 
 def result(name: str, val_auc: float, val_bal: float, test_auc: float) -> dict[str, Any]:
@@ -107,12 +116,12 @@ def result(name: str, val_auc: float, val_bal: float, test_auc: float) -> dict[s
 
 def test_select_best_uses_validation_only() -> None:
     best = experiments.select_best([
-        result("cnn-a", 0.95, 0.90, 0.999),  # best on test: must not win
-        result("cnn-b", 0.97, 0.85, 0.90),
-        result("cnn-c", 0.97, 0.88, 0.80),  # ties b on val AUC, wins on val balanced accuracy
+        result("xraynet-a", 0.95, 0.90, 0.999),  # best on test: must not win
+        result("xraynet-b", 0.97, 0.85, 0.90),
+        result("xraynet-c", 0.97, 0.88, 0.80),  # ties b on val AUC, wins on val balanced accuracy
         result("mlp_bce-x", 0.90, 0.90, 0.90),
     ])
-    assert {k: v["name"] for k, v in best.items()} == {"cnn": "cnn-c", "mlp_bce": "mlp_bce-x"}
+    assert {k: v["name"] for k, v in best.items()} == {"xraynet": "xraynet-c", "mlp_bce": "mlp_bce-x"}
 
 
 def test_study_grids_are_valid() -> None:
@@ -134,7 +143,7 @@ def test_study_grids_are_valid() -> None:
 
 def test_default_set_best_checkpoints(best_dir: Path) -> None:
     summary = json.loads((best_dir / "summary.json").read_text())
-    assert set(summary["models"]) == {"mlp_bce", "mlp_ce", "cnn"}
+    assert set(summary["models"]) == {"mlp_bce", "mlp_ce", "xraynet"}
     assert summary["quick"] is True
     for fam, m in summary["models"].items():
         card, model, _ = load_checkpoint(best_dir / m["checkpoint"])

@@ -17,9 +17,9 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from handlers import preprocess
-from training.sources import REPO_ROOT, detect_format, iter_split, list_image_folder
+from handlers.constants import CACHE_DIR
+from training.sources import detect_format, iter_split, list_image_folder, stratified_subset
 
-CACHE_DIR = REPO_ROOT / "artifacts" / "cache"
 CACHE_VERSION = "1"  # bump when handlers.preprocess changes what it produces
 
 
@@ -33,17 +33,11 @@ class Split:
         return len(self.y)
 
     def subset(self, n: int, seed: int = 0) -> Split:
-        """A class-stratified, seeded subset of about n images (for quick runs and tests)."""
+        """A class-stratified, seeded subset of n images (for quick runs and tests)."""
         if n >= len(self):
             return self
-        g = torch.Generator().manual_seed(seed)
-        keep = []
-        for c in (0, 1):
-            idx = torch.nonzero(self.y == c).flatten()
-            k = max(1, round(n * len(idx) / len(self)))
-            keep.append(idx[torch.randperm(len(idx), generator=g)[:k]])
-        order = torch.cat(keep).sort().values
-        return Split(self.x[order], self.y[order], [self.names[i] for i in order])
+        keep = torch.from_numpy(stratified_subset(self.y.numpy(), n, seed))
+        return Split(self.x[keep], self.y[keep], [self.names[i] for i in keep.tolist()])
 
 
 def _cache_key(data_dir: Path, split: str, size: int) -> str:

@@ -1,6 +1,6 @@
 """The course's studies as named grids of TrainConfig overrides, and the default set (`make train`).
 
-    python -m training.experiments --study default            # best mlp_bce, mlp_ce, cnn -> artifacts/best/
+    python -m training.experiments --study default            # best mlp_bce, mlp_ce, xraynet -> artifacts/best/
     python -m training.experiments --study all [--quick]      # every course study -> reports/experiments.md
     python -m training.experiments --study lr dropout --only lr-1e-3
 
@@ -25,9 +25,10 @@ from typing import Any
 import matplotlib
 import torch
 
+from handlers import constants as C
 from training import distributed
 from training.plots import plot_bars
-from training.sources import REPO_ROOT, default_data_dir
+from training.sources import default_data_dir
 from training.train import TrainConfig, load_data, train
 
 # Course-like settings: Adam, constant LR, no scheduler, class-balanced loss, no augmentation.
@@ -52,7 +53,7 @@ STUDIES: dict[str, tuple[str, list[str], list[tuple[str, dict[str, Any], str]]]]
         [(f"mlp_{h}-d{d}", MLP | MODERN | {"head": h, "epochs": 15, "arch_args": {"hidden": [512, 128],
                                                                                   "dropout": d}}, "")
          for h in ("bce", "ce") for d in (0.5, 0.7)]
-        + [("cnn-xraynet", XRAYNET, "")],  # a gap_cnn pool-4 candidate (128 px) lost on val: see gap_pool
+        + [("xraynet", XRAYNET, "")],  # a gap_cnn pool-4 candidate (128 px) lost on val: see gap_pool
     ),
     "loss": ("BCE (1 logit + sigmoid) or CE (2 logits + softmax) for the MLP?", ["head"],
              [(f"loss-{h}", mlp(0.7, head=h), "") for h in ("bce", "ce")]),
@@ -81,7 +82,7 @@ STUDIES: dict[str, tuple[str, list[str], list[tuple[str, dict[str, Any], str]]]]
              [("ours-xraynet", XRAYNET, "")]),
 }
 COURSE_STUDIES = [s for s in STUDIES if s != "default"]
-FAMILIES = ("mlp_bce", "mlp_ce", "cnn")
+FAMILIES = ("mlp_bce", "mlp_ce", "xraynet")  # a family is a run name's part before "-"
 QUICK = dict(limit_train=300, limit_eval=200)
 INTRO = """Every run: seed 0, the real train/val/test splits, normalised with the train split's mean/std.
 *final* = the weights after the last epoch at threshold 0.5; *best* = the checkpoint with the best
@@ -101,7 +102,7 @@ def plan(study: str, quick: bool, only: list[str] | None) -> list[tuple[str, dic
     runs = STUDIES[study][2]
     if quick:  # the grid's ends; the default set keeps one run per family
         if study == "default":
-            runs = [r for r in runs if r[0].endswith(("-d0.5", "-xraynet"))]
+            runs = [r for r in runs if r[0].endswith("-d0.5") or r[0] == "xraynet"]
         else:
             runs = runs[:: max(1, len(runs) - 1)][:2]
         runs = [(name, quick_variant(cfg), "quick") for name, cfg, _ in runs]
@@ -150,7 +151,8 @@ def run_study(study: str, args: argparse.Namespace) -> list[dict[str, Any]]:
         else:
             result = train(cfg, shared_data(cfg))
         run_dir = Path(result["checkpoint"]).parent
-        history = json.loads((run_dir / "history.json").read_text())
+        # train() returns its history; a reused run's is on disk
+        history = result.pop("history", None) or json.loads((run_dir / "history.json").read_text())
         result |= {"study": study, "note": note, "train_accuracy": history[-1]["train_accuracy"],
                    "curves": str(run_dir / "curves.png")}
         v, t = result["val"], result["test"]
@@ -291,9 +293,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--quick", action="store_true", help="CI-sized variants")
     p.add_argument("--only", nargs="+", help="run only these run names")
     p.add_argument("--data-dir", type=Path, default=default_data_dir())
-    p.add_argument("--runs-dir", type=Path, default=REPO_ROOT / "artifacts" / "runs")
-    p.add_argument("--best-dir", type=Path, default=REPO_ROOT / "artifacts" / "best")
-    p.add_argument("--reports-dir", type=Path, default=REPO_ROOT / "reports")
+    p.add_argument("--runs-dir", type=Path, default=C.RUNS_DIR)
+    p.add_argument("--best-dir", type=Path, default=C.BEST_DIR)
+    p.add_argument("--reports-dir", type=Path, default=C.REPORTS_DIR)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--reuse", action="store_true", help="reuse a finished run whose config is identical")
     p.add_argument("--publish", type=Path, metavar="DOCS_DIR", help="only copy the report to DOCS_DIR")

@@ -13,9 +13,9 @@ from pathlib import Path
 import numpy as np
 
 from handlers import preprocess
+from handlers.constants import DATA_DIR
 from handlers.schemas import CLASS_NAMES
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 SPLITS = ("train", "val", "test")
 MIN_DATASET_SIDE = 8  # MedMNIST's classic images are 28x28; requests keep preprocess.MIN_SIDE
 IMAGE_SUFFIXES = (".jpeg", ".jpg", ".png")
@@ -23,7 +23,22 @@ IMAGE_SUFFIXES = (".jpeg", ".jpg", ".png")
 
 def default_data_dir() -> Path:
     """DATA_DIR from the environment, else ../shared/data/chest_xray beside the repository."""
-    return Path(os.environ.get("DATA_DIR", REPO_ROOT.parent / "shared" / "data" / "chest_xray"))
+    return Path(os.environ.get("DATA_DIR", DATA_DIR))
+
+
+def stratified_subset(labels: np.ndarray | list[int], n: int, seed: int = 0) -> np.ndarray:
+    """Sorted indices of a seeded subset of about n items with each class in its share, by
+    scikit-learn's train_test_split(stratify=); all indices when n covers everything."""
+    from sklearn.model_selection import train_test_split
+
+    labels = np.asarray(labels)
+    if n >= len(labels):
+        return np.arange(len(labels))
+    # stratify needs two members of each class in the sample; a tiny n or class gets a plain sample
+    counts = np.bincount(labels)
+    stratify = labels if n >= len(counts[counts > 0]) and counts[counts > 0].min() >= 2 else None
+    keep, _ = train_test_split(np.arange(len(labels)), train_size=n, random_state=seed, stratify=stratify)
+    return np.sort(keep)
 
 
 def list_image_folder(data_dir: Path, split: str) -> list[tuple[Path, int]]:

@@ -1,6 +1,8 @@
-"""One training run: fit, early stop, keep the best checkpoint by a validation score.
+"""One training run, read top to bottom as torchvision's classification reference:
+train_one_epoch, evaluate, then finish (threshold, card, checkpoint, history, curves).
 
     python -m training.train --arch xraynet --head bce --input-size 128 --epochs 12
+    torchrun --nproc_per_node N -m training.train ...   # data-parallel (training/distributed.py)
     python -m training.train --config run.json          # any TrainConfig field; flags override
 
 Writes to OUT_DIR/NAME/: best.pt (loads with torch.load(weights_only=True); carries the
@@ -22,15 +24,15 @@ from pydantic import BaseModel, ConfigDict, Field
 from tqdm import tqdm
 
 from handlers.backends import pneumonia_probability
+from handlers.constants import RUNS_DIR
 from handlers.schemas import CLASS_NAMES, ModelCard
 from training import data as datalib
 from training import distributed
+from training.checkpoint import save_checkpoint
 from training.metrics import binary_metrics, youden_threshold
 from training.models import arch_args, build_model, count_parameters
 from training.plots import plot_curves
-from training.sources import REPO_ROOT, default_data_dir
-
-CHECKPOINT_FORMAT = 1
+from training.sources import default_data_dir
 
 
 class TrainConfig(BaseModel):
@@ -61,7 +63,7 @@ class TrainConfig(BaseModel):
     limit_train: int | None = Field(default=None, ge=2, description="stratified subset, for quick runs")
     limit_eval: int | None = Field(default=None, ge=2)
     data_dir: Path = Field(default_factory=default_data_dir)
-    out_dir: Path = REPO_ROOT / "artifacts" / "runs"
+    out_dir: Path = RUNS_DIR
     progress: bool | None = None  # None: a bar on a terminal only
 
 
@@ -100,12 +102,11 @@ def loss_target(cfg: TrainConfig, y: torch.Tensor) -> torch.Tensor:
 def predict(model: torch.nn.Module, x: torch.Tensor, head: str, batch: int = 256,
             d: distributed.Dist | None = None) -> tuple[np.ndarray, torch.Tensor]:
     """P(pneumonia) for every image (through the serving probability function) and the logits.
-
-    Under torchrun each rank predicts its shard and every rank gets all logits, in order."""
+    Under torchrun each rank predicts its shard and every rank gets all the logits, in order."""
     d = d or distributed.Dist()
     model = distributed.unwrap(model).eval()
     part = x[distributed.shard(len(x), d)]
-    # max(.., 1): a rank whose shard is empty still runs once, so that it knows the logits' shape
+    # max(.., 1): a rank with an empty shard still runs once, so that it knows the logits' shape
     logits = torch.cat([model(part[i : i + batch].to(d.device)) for i in range(0, max(len(part), 1), batch)])
     logits = distributed.gather(logits, len(x), d).cpu()
     return pneumonia_probability(logits.numpy(), head), logits
@@ -139,122 +140,143 @@ def make_scheduler(cfg: TrainConfig, opt: torch.optim.Optimizer) -> torch.optim.
     return None
 
 
-def train(cfg: TrainConfig, data: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Run one configuration; return its summary (also written to OUT_DIR/NAME/metrics.json).
+def train_one_epoch(model: torch.nn.Module, criterion: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                    split: datalib.Split, cfg: TrainConfig, generator: torch.Generator, epoch: int = 1,
+                    d: distributed.Dist | None = None) -> dict[str, float]:
+    """One pass over the shuffled train split; the running loss and accuracy (dropout, augmentation on).
+    Under torchrun: this rank's share of the split (DistributedSampler), batch_size / N images a
+    step, loss and accuracy summed over all ranks."""
+    d = d or distributed.Dist()
+    model.train()
+    order = (distributed.train_order(len(split), epoch, cfg.seed, d) if d.enabled
+             else torch.randperm(len(split), generator=generator))
+    batch_size = distributed.per_rank_batch(cfg.batch_size, d)
+    has_batchnorm = any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules())
+    total_loss, correct = 0.0, 0
+    for i in range(0, len(order), batch_size):
+        idx = order[i : i + batch_size]
+        if len(idx) < 2 and has_batchnorm:
+            continue  # BatchNorm cannot train on a batch of one (every rank alike: equal shares)
+        x, y = split.x[idx], split.y[idx]
+        if cfg.augment:
+            x = datalib.augment(x, generator)
+        x, y = x.to(d.device), y.to(d.device)
+        logits = model(x)
+        loss = criterion(logits, loss_target(cfg, y))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        total_loss += float(loss.detach()) * len(idx)
+        pred = (logits[:, 0] > 0) if cfg.head == "bce" else logits.argmax(1).bool()
+        correct += int((pred.long() == y).sum())
+    total_loss, correct, seen = distributed.sum_all([total_loss, correct, len(order)], d)
+    distributed.sync_buffers(model, d)  # rank 0's BatchNorm statistics everywhere before evaluating
+    return {"train_loss": total_loss / seen, "train_accuracy": correct / seen}
 
-    Under torchrun (training/distributed.py) every rank runs this and returns the same summary;
-    rank 0 alone writes."""
+
+def tune_threshold(model: torch.nn.Module, val: datalib.Split, cfg: TrainConfig,
+                   d: distributed.Dist | None = None) -> float:
+    """Youden's J on the validation split (0.5 when tuning is off)."""
+    if not cfg.tune_threshold:
+        return 0.5
+    prob, _ = predict(model, val.x, cfg.head, d=d)
+    return youden_threshold(val.y.numpy(), prob)
+
+
+def make_card(cfg: TrainConfig, args: dict[str, Any], stats: tuple[float, float], threshold: float,
+              val_metrics: dict[str, Any], test_metrics: dict[str, Any]) -> ModelCard:
+    mean, std = stats
+    return ModelCard(name=cfg.name, arch=cfg.arch, arch_args=args, head=cfg.head, input_size=cfg.input_size,
+                     mean=mean, std=std, class_names=CLASS_NAMES, threshold=threshold,
+                     val_metrics=_floats(val_metrics), test_metrics=_floats(test_metrics), seed=cfg.seed,
+                     versions={"torch": torch.__version__})
+
+
+def write_run(run_dir: Path, cfg: TrainConfig, history: list[dict[str, Any]], result: dict[str, Any]) -> None:
+    """history.json, metrics.json and curves.png beside the checkpoint."""
+    (run_dir / "history.json").write_text(json.dumps(history, indent=1))
+    (run_dir / "metrics.json").write_text(json.dumps(result, indent=1))
+    plot_curves(history, run_dir / "curves.png", title=f"{cfg.name}: {cfg.arch}/{cfg.head} @{cfg.input_size}px")
+
+
+def finish(model: torch.nn.Module, best: dict[str, Any], history: list[dict[str, Any]], data: dict[str, Any],
+           cfg: TrainConfig, criterion: torch.nn.Module, train_seconds: float,
+           d: distributed.Dist | None = None) -> dict[str, Any]:
+    """After the last epoch: the final weights' accuracy, then the best weights' threshold, card,
+    checkpoint, history and curves. Returns the run's summary (metrics.json), history included.
+    Under torchrun every rank computes the same summary; rank 0 alone writes."""
+    d = d or distributed.Dist()
+    final = {s: evaluate(model, data[s], cfg, criterion, d=d)["accuracy"] for s in ("val", "test")}
+    model = distributed.unwrap(model)
+    model.load_state_dict(best["state"])
+    threshold = tune_threshold(model, data["val"], cfg, d)
+    val_metrics = evaluate(model, data["val"], cfg, criterion, threshold, d)
+    test_metrics = evaluate(model, data["test"], cfg, criterion, threshold, d)
+    args = arch_args(cfg.arch, cfg.arch_args)
+    card = make_card(cfg, args, data["stats"], threshold, val_metrics, test_metrics)
+    run_dir = Path(cfg.out_dir) / cfg.name
+    ckpt = run_dir / "best.pt"
+    if d.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_checkpoint(ckpt, card, cfg.model_dump(mode="json"), best["state"], history)
+    result = {"name": cfg.name, "config": cfg.model_dump(mode="json"), "params": count_parameters(model),
+              "train_seconds": round(train_seconds, 2), "epochs_run": len(history), "best_epoch": best["epoch"],
+              "threshold": threshold, "val": val_metrics, "test": test_metrics,
+              "final_val_accuracy": final["val"], "final_test_accuracy": final["test"],
+              "best_val_accuracy_at_0.5": next(h["val_accuracy"] for h in history if h["epoch"] == best["epoch"]),
+              "checkpoint": str(ckpt), "world_size": d.world_size}
+    if d.is_main:
+        write_run(run_dir, cfg, history, result)
+    distributed.barrier(d)  # what rank 0 wrote exists for every rank once this returns
+    return result | {"history": history}
+
+
+def train(cfg: TrainConfig, data: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Run one configuration: seed, fit with early stopping on the validation score, finish.
+    Returns the summary written to OUT_DIR/NAME/metrics.json, plus the per-epoch "history".
+    Under torchrun (training/distributed.py) every rank runs this, in DistributedDataParallel."""
     d = distributed.init()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    seed_everything(cfg.seed)
+    seed_everything(cfg.seed)  # the same initial weights on every rank
     if data is None:
-        with distributed.main_first(d):
+        with distributed.main_first(d):  # rank 0 fills the decode cache, the others read it
             data = load_data(cfg)
-    train_split, val_split = data["train"], data["val"]
-    mean, std = data["stats"]
-    args = arch_args(cfg.arch, cfg.arch_args)
-    model = build_model(cfg.arch, cfg.head, cfg.input_size, args)
-    net = distributed.wrap(model, d)  # the same module; in DDP under torchrun
-    criterion = make_criterion(cfg, train_split.y).to(d.device)
-    opt = make_optimizer(cfg, net)
-    sched = make_scheduler(cfg, opt)
-    g = distributed.augment_generator(cfg.seed, d)
-    batch_size = distributed.per_rank_batch(cfg.batch_size, d)
-    run_dir = Path(cfg.out_dir) / cfg.name
-    if d.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
+    model = build_model(cfg.arch, cfg.head, cfg.input_size, arch_args(cfg.arch, cfg.arch_args))
+    model = distributed.wrap(model, d)
+    criterion = make_criterion(cfg, data["train"].y).to(d.device)
+    optimizer = make_optimizer(cfg, model)
+    scheduler = make_scheduler(cfg, optimizer)
+    generator = distributed.augment_generator(cfg.seed, d)
 
     history: list[dict[str, Any]] = []
-    best_score, best_state, best_epoch, stale = -float("inf"), None, 0, 0
+    best: dict[str, Any] = {"score": -float("inf"), "state": None, "epoch": 0}
     t0 = time.perf_counter()
     bar = tqdm(range(1, cfg.epochs + 1), desc=cfg.name, disable=False if cfg.progress else None,
                unit="epoch", leave=False) if d.is_main else range(1, cfg.epochs + 1)
     for epoch in bar:
-        net.train()
-        order = (distributed.train_order(len(train_split), epoch, cfg.seed, d) if d.enabled
-                 else torch.randperm(len(train_split), generator=g))
-        total_loss, correct = 0.0, 0
-        for i in range(0, len(order), batch_size):
-            idx = order[i : i + batch_size]
-            if len(idx) < 2 and any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules()):
-                continue  # BatchNorm cannot train on a batch of one (all ranks skip alike: equal shards)
-            x, y = train_split.x[idx], train_split.y[idx]
-            if cfg.augment:
-                x = datalib.augment(x, g)
-            x, y = x.to(d.device), y.to(d.device)
-            logits = net(x)
-            loss = criterion(logits, loss_target(cfg, y))
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            total_loss += float(loss.detach()) * len(idx)
-            pred = (logits[:, 0] > 0) if cfg.head == "bce" else logits.argmax(1).bool()
-            correct += int((pred.long() == y).sum())
-        if sched:
-            sched.step()
-        total_loss, correct, seen = distributed.sum_all([total_loss, correct, len(order)], d)
-        distributed.sync_buffers(net, d)
-        val = evaluate(net, val_split, cfg, criterion, d=d)
-        row = {"epoch": epoch, "lr": opt.param_groups[0]["lr"], "train_loss": total_loss / seen,
-               "train_accuracy": correct / seen, "val_loss": val["loss"], "val_accuracy": val["accuracy"],
-               "val_balanced_accuracy": val["balanced_accuracy"], "val_roc_auc": val["roc_auc"],
-               "seconds": time.perf_counter() - t0, "best": False}
-        if score(val, cfg.select) > best_score:
-            best_score, best_epoch, stale = score(val, cfg.select), epoch, 0
-            best_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
-            row["best"] = True
-        else:
-            stale += 1
+        row: dict[str, Any] = {"epoch": epoch, "lr": optimizer.param_groups[0]["lr"]}
+        row |= train_one_epoch(model, criterion, optimizer, data["train"], cfg, generator, epoch, d)
+        if scheduler:
+            scheduler.step()
+        val = evaluate(model, data["val"], cfg, criterion, d=d)
+        row |= {"val_loss": val["loss"], "val_accuracy": val["accuracy"],
+                "val_balanced_accuracy": val["balanced_accuracy"], "val_roc_auc": val["roc_auc"],
+                "seconds": time.perf_counter() - t0, "best": score(val, cfg.select) > best["score"]}
+        if row["best"]:
+            best = {"score": score(val, cfg.select), "epoch": epoch,
+                    "state": {k: v.detach().cpu().clone() for k, v in distributed.unwrap(model).state_dict().items()}}
         history.append(row)
         if d.is_main:
             bar.set_postfix(loss=f"{row['train_loss']:.3f}", val_acc=f"{val['accuracy']:.3f}",
                             val_auc=f"{val['roc_auc']:.3f}")
-        if cfg.patience and stale >= cfg.patience:
+        if cfg.patience and epoch - best["epoch"] >= cfg.patience:
             break
-    train_seconds = time.perf_counter() - t0
-
-    final = {s: evaluate(net, data[s], cfg, criterion, d=d)["accuracy"] for s in ("val", "test")}
-    model.load_state_dict(best_state)
-    val_prob, _ = predict(model, val_split.x, cfg.head, d=d)
-    threshold = youden_threshold(val_split.y.numpy(), val_prob) if cfg.tune_threshold else 0.5
-    val_metrics = evaluate(model, val_split, cfg, criterion, threshold, d=d)
-    test_metrics = evaluate(model, data["test"], cfg, criterion, threshold, d=d)
-    card = ModelCard(name=cfg.name, arch=cfg.arch, arch_args=args, head=cfg.head, input_size=cfg.input_size,
-                     mean=mean, std=std, class_names=CLASS_NAMES, threshold=threshold,
-                     val_metrics=_floats(val_metrics), test_metrics=_floats(test_metrics), seed=cfg.seed,
-                     versions={"torch": torch.__version__})
-    checkpoint = {"format": CHECKPOINT_FORMAT, "card": card.model_dump(mode="json"),
-                  "config": cfg.model_dump(mode="json"), "state_dict": best_state, "history": history,
-                  "world_size": d.world_size}
-    result = {"name": cfg.name, "config": cfg.model_dump(mode="json"), "params": count_parameters(model),
-              "train_seconds": round(train_seconds, 2), "epochs_run": len(history), "best_epoch": best_epoch,
-              "threshold": threshold, "val": val_metrics, "test": test_metrics,
-              "final_val_accuracy": final["val"], "final_test_accuracy": final["test"],
-              "best_val_accuracy_at_0.5": next(h["val_accuracy"] for h in history if h["epoch"] == best_epoch),
-              "checkpoint": str(run_dir / "best.pt"), "world_size": d.world_size}
-    if d.is_main:
-        torch.save(checkpoint, run_dir / "best.pt")
-        (run_dir / "history.json").write_text(json.dumps(history, indent=1))
-        (run_dir / "metrics.json").write_text(json.dumps(result, indent=1))
-        plot_curves(history, run_dir / "curves.png", title=f"{cfg.name}: {cfg.arch}/{cfg.head} @{cfg.input_size}px")
-    distributed.barrier(d)  # the other ranks may read what rank 0 wrote (make train reads history.json)
-    return result
+    return finish(model, best, history, data, cfg, criterion, time.perf_counter() - t0, d)
 
 
 def _floats(m: dict[str, Any]) -> dict[str, float]:
     return {k: float(v) for k, v in m.items() if isinstance(v, int | float)}
-
-
-def load_checkpoint(path: str | Path) -> tuple[ModelCard, torch.nn.Module, dict[str, Any]]:
-    """A best.pt -> (card, model in eval mode, the whole checkpoint). Never unpickles code."""
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    if ckpt.get("format") != CHECKPOINT_FORMAT:
-        raise ValueError(f"{path}: not an xray-serve checkpoint (format {ckpt.get('format')!r})")
-    card = ModelCard.model_validate(ckpt["card"])
-    model = build_model(card.arch, card.head, card.input_size, card.arch_args)
-    model.load_state_dict(ckpt["state_dict"])
-    return card, model.eval(), ckpt
 
 
 def parse_args(argv: list[str] | None = None) -> TrainConfig:

@@ -1,0 +1,99 @@
+"""One request of a TorchServe batch, from its raw fields to its answer: one object per request.
+
+TorchServe hands the handler a list of requests (a dict of fields each) and, beside it, each
+request's headers in the context, both indexed by the request's position in the batch. An
+XrayRequest keeps that position and everything that belongs to the request: the decoded model
+input, whether an explanation was asked for and of which class, its error, its probability
+and its heatmap. A bad field refuses that request only; its batch-mates never see it.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from handlers.preprocess import PreprocessError, preprocess
+from handlers.schemas import ErrorBody, ModelCard
+
+log = logging.getLogger(__name__)
+
+PAYLOAD_FIELDS = ("data", "file", "body")  # multipart field names, then a raw body
+TARGET_FIELD = "target"  # multipart field; raw bodies use the header (TorchServe drops their query)
+TARGET_HEADER = "x-target-class"
+EXPLAIN_HEADER = "explain"  # TorchServe's frontend sets explain=True on /explanations/<model>
+
+
+@dataclass
+class XrayRequest:
+    index: int  # the position in TorchServe's batch, for its data list and its context alike
+    explain: bool = False
+    target: int | None = None  # class index to explain; None until chosen (the predicted class)
+    image: np.ndarray | None = None  # the model input [1, S, S]
+    error: ErrorBody | None = None
+    probability: float | None = None  # P(PNEUMONIA)
+    heatmap: np.ndarray | None = None  # Grad-CAM [S, S] in [0, 1]
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+    def refuse(self, code: int, type: str, message: str) -> None:
+        self.error = ErrorBody(code=code, type=type, message=message)
+
+
+def payload(request: dict) -> bytes:
+    """The image bytes of one request: multipart field 'data' or 'file', else the raw body."""
+    for key in PAYLOAD_FIELDS:
+        value = request.get(key)
+        if value is None:
+            continue
+        if isinstance(value, bytes | bytearray):
+            return bytes(value)
+        # TorchServe turns text/* and application/json bodies into str/dict before we see them.
+        raise PreprocessError(415, "unsupported_media_type", "send the image bytes (Content-Type image/png, "
+                              "image/jpeg or application/octet-stream), not text or JSON")
+    fields = sorted(str(k) for k in request)
+    raise PreprocessError(400, "missing_field", "no image in the request: expected a multipart field 'data' or "
+                          f"'file' or a raw body; got fields {fields}")
+
+
+def header(headers: dict[str, Any], name: str) -> Any:
+    """A request header, whatever the case the client wrote it in."""
+    return next((v for k, v in headers.items() if str(k).lower() == name), None)
+
+
+def explain_target(request: dict, headers: dict[str, Any], class_names: tuple[str, ...]) -> int | None:
+    """The class to explain, from the multipart field 'target' or the X-Target-Class header; None
+    when neither is given (explain the predicted class)."""
+    value = request.get(TARGET_FIELD)
+    if value is None:
+        value = header(headers, TARGET_HEADER)
+    if value is None:
+        return None
+    if isinstance(value, bytes | bytearray):
+        try:
+            value = bytes(value).decode("utf-8")
+        except UnicodeDecodeError:
+            value = repr(bytes(value)[:40])
+    name = value.strip().upper() if isinstance(value, str) else None
+    if name not in class_names:
+        raise PreprocessError(400, "invalid_target", f"target {str(value)[:60]!r} is not one of {list(class_names)}")
+    return class_names.index(name)
+
+
+def read_request(index: int, request: dict, headers: dict[str, Any], card: ModelCard) -> XrayRequest:
+    """Decode one request on its own; whatever is wrong with it becomes its error, never the batch's."""
+    r = XrayRequest(index, explain=str(header(headers, EXPLAIN_HEADER)) == "True")
+    try:
+        r.image = preprocess(payload(request), card.input_size, card.mean, card.std)
+        if r.explain:
+            r.target = explain_target(request, headers, card.class_names)
+    except PreprocessError as err:
+        r.refuse(err.status, err.type, err.message)
+    except Exception as exc:
+        log.exception("request %d: unexpected preprocessing failure", index)
+        r.refuse(500, "internal_error", f"preprocessing failed: {exc}")
+    return r
