@@ -10,11 +10,12 @@
 # CPU wheel from the build-context folder .whl/ (the Makefile links it there from /opt/wheels),
 # so the image never downloads CUDA torch; CUDA inference is onnxruntime-gpu on the base's
 # CUDA 13 + cuDNN 9 libraries. The base must offer python3.11, python3.11-venv,
-# openjdk-17-jre-headless and tini through apt (Ubuntu 22.04 and Debian 12 do).
+# openjdk-17-jre-headless, nginx-light and tini through apt (Ubuntu 22.04 and Debian 12 do).
 # The model archive: model_store/xray.mar is baked in when it exists at build time; otherwise
 # (or to replace it) mount one: -v "$PWD/model_store:/app/model_store:ro".
-# Secrets: none are baked in. TorchServe writes a fresh key file at every start into
-# /var/lib/xray/keys/key_file.json (docker exec ... cat it, or mount /var/lib/xray).
+# Secrets: none are baked in. Mount the clients' bearer tokens (one a line) and point
+# XRAY_TOKEN_FILE at them (default /var/run/secrets/xray/token); without that file a fresh token is
+# generated at every start into /var/lib/xray/keys/key_file.json (docker exec ... cat it).
 ARG BASE_IMAGE=nvidia/cuda:13.0.1-cudnn-runtime-ubuntu22.04
 FROM ${BASE_IMAGE}
 
@@ -27,12 +28,13 @@ ENV DEBIAN_FRONTEND=noninteractive \
     PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1
 
-# Java 17 for TorchServe's frontend, Python 3.11 for the workers, tini as PID 1 (signals, zombies).
+# Java 17 for TorchServe's frontend, Python 3.11 for the workers, nginx for the gateway in front,
+# tini as PID 1 (signals, zombies). Debian's nginx package would start a default site: removed.
 RUN apt-get update \
     && apt-get install -y --no-install-recommends \
-        ca-certificates python3.11 python3.11-venv openjdk-17-jre-headless tini \
-    && rm -rf /var/lib/apt/lists/* \
-    && python3.11 --version && java -version
+        ca-certificates python3.11 python3.11-venv openjdk-17-jre-headless nginx-light tini \
+    && rm -rf /var/lib/apt/lists/* /etc/nginx/sites-enabled/* \
+    && python3.11 --version && java -version && nginx -v
 
 # The serving environment only: requirements-serve.lock (no test, lint, training or export
 # packages; same pins as requirements.lock). The CA bundle (for a TLS-intercepting proxy) is a
@@ -60,7 +62,8 @@ ENV PATH=/opt/venv/bin:$PATH \
 # Only what serving runs (tests/test_runtime_image.py): the handler package and the modules the
 # entrypoint imports; no training, export, client or benchmark code.
 COPY handlers/ handlers/
-COPY serving/__init__.py serving/settings.py serving/
+COPY serving/__init__.py serving/settings.py serving/launcher.py serving/supervisor.py serving/gateway.py \
+     serving/readiness.py serving/
 COPY docker/entrypoint.sh docker/healthcheck.py docker/
 # Empty of .mar unless `make archive` ran before the build (.dockerignore keeps only *.mar + README).
 COPY model_store/ model_store/
@@ -70,12 +73,15 @@ RUN useradd --uid 10001 --user-group --no-create-home --home-dir /var/lib/xray -
     && chmod 0755 docker/entrypoint.sh docker/healthcheck.py
 
 USER 10001:10001
-EXPOSE 8080 8081 8082
+# The gateway: 8080 inference (token), 8082 metrics. TorchServe's management API is only on a
+# unix socket inside the container: it is never published.
+EXPOSE 8080 8082
 
-# Ready = the management API (key file token) lists a READY worker for the model AND a real
-# prediction answers 200 with a valid Prediction. /ping alone says Healthy before the model loads.
+# Ready = the radiograph packed into the .mar answers 200 with a label (serving/readiness.py, the
+# launcher's check too). /ping alone says Healthy before the model loads.
 HEALTHCHECK --interval=30s --timeout=20s --start-period=120s --retries=3 \
     CMD ["python", "/app/docker/healthcheck.py"]
 
-# TorchServe in the foreground (tini forwards SIGTERM to the whole process group).
+# The supervisor in the foreground: the gateway + TorchServe, restarted when TorchServe dies; on
+# SIGTERM (tini forwards it) in-flight requests are drained first. Run with --restart unless-stopped.
 ENTRYPOINT ["/usr/bin/tini", "-g", "--", "/app/docker/entrypoint.sh"]

@@ -13,18 +13,22 @@ URL ?= $(call CONST,INFERENCE_URL)
 SPLIT ?= test
 BACKEND ?= onnxruntime
 
-.PHONY: setup java test test-fast lint train experiments export archive serve stop evaluate bench soak clean help \
+.PHONY: setup java nginx chaos test test-fast lint train experiments export archive serve stop evaluate bench soak clean help \
 	docker-build docker-run docker-test deploy-check deploy-render
 
 help:
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
 
-setup: java $(VENV)/.installed ## create .venv and install everything, pinned
+setup: java nginx $(VENV)/.installed ## create .venv and install everything, pinned (+ Java 17 and nginx via apt-get)
 $(VENV)/.installed: requirements.lock pyproject.toml
 	test -x $(PY) || $(PY_SYS) -m venv $(VENV)
 	$(PY) -m pip install -q --disable-pip-version-check $(PIP_LINKS) -r requirements.lock
 	$(PY) -c "import torch, onnxruntime, ts; assert torch.__version__.startswith('2.13.0'), torch.__version__"
 	touch $@
+
+nginx: ## install nginx-light with apt-get where nginx is missing (the gateway in front of TorchServe)
+	@command -v nginx >/dev/null || test -x /usr/sbin/nginx || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nginx-light; }
+	@$$(command -v nginx || echo /usr/sbin/nginx) -v
 
 java: ## install a Java 17 runtime with apt-get where java is missing (TorchServe's frontend)
 	@command -v java >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq openjdk-17-jre-headless; }
@@ -56,10 +60,10 @@ archive: setup ## pack model_store/xray.mar (BACKEND=onnxruntime|torchscript; WO
 	$(PY) -m export.archive --backend $(BACKEND) $(if $(WORKERS),--min-workers $(WORKERS) --max-workers $(WORKERS),) \
 	  $(if $(THREADS),--threads $(THREADS),) $(if $(BATCH),--batch-size $(BATCH),) $(if $(DELAY),--max-batch-delay $(DELAY),)
 
-serve: setup ## start TorchServe in the background; returns once a real prediction succeeds
+serve: setup ## gateway + TorchServe, supervised, in the background; returns once the probe radiograph is answered
 	$(PY) -m serving.launcher start
 
-stop: setup ## stop TorchServe
+stop: setup ## drain in-flight requests, then stop the gateway and TorchServe
 	$(PY) -m serving.launcher stop
 
 evaluate: setup ## every image of SPLIT through the live endpoint -> reports/evaluate/
@@ -69,6 +73,11 @@ bench: setup ## in-process limit vs live endpoint at concurrency 1/8/32/64 -> re
 	@command -v wrk >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk; } \
 	  || echo "wrk unavailable: the async httpx client loads the endpoint (it needs a core of its own)"
 	$(PY) -m serving.bench
+
+chaos: setup ## issue 12's attacks against the live server (`make serve` first) -> reports/chaos.md (QUICK=1: lighter)
+	@command -v wrk >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk; } \
+	  || echo "wrk unavailable: the overload case is skipped"
+	$(PY) -m serving.chaos $(if $(QUICK),--quick,)
 
 soak: setup ## hold concurrency 64 against the live endpoint for MINUTES (default 10) -> reports/soak.json
 	$(PY) -m serving.soak --url $(URL) --minutes $(or $(MINUTES),10) --concurrency 64

@@ -49,9 +49,14 @@ TOKEN_ENV = "XRAY_TOKEN_FILE"
 Obj = dict[str, Any]
 
 
+# TorchServe's default management port: ours listens on a unix socket inside the container, and
+# no manifest may open the port where a TorchServe left to its defaults would answer.
+TORCHSERVE_MANAGEMENT_PORT = 8081
+
+
 def _private_ports() -> set[int]:
     """TorchServe's management API and gRPC: never exposed outside the pod."""
-    return {C.MANAGEMENT_PORT, C.GRPC_INFERENCE_PORT, C.GRPC_MANAGEMENT_PORT}
+    return {TORCHSERVE_MANAGEMENT_PORT, C.GRPC_INFERENCE_PORT, C.GRPC_MANAGEMENT_PORT}
 
 
 @cache

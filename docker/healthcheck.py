@@ -1,86 +1,55 @@
-"""Container HEALTHCHECK: healthy only when the model really answers.
+"""Container HEALTHCHECK: healthy only when the model answers a real radiograph with a label.
 
-`/ping` says Healthy before the model is loaded (and while its worker crash-loops), so this
-checks (1) the management API, authorised with the key file's management token, lists a READY
-worker for the model, and (2) a real prediction of a small synthetic radiograph answers 200 with a
-body that validates as handlers.schemas.Prediction. Exit 0 = healthy, 1 = not (reason on stdout,
-which `docker inspect` shows). The image's PYTHONPATH (/app) gives it handlers/ (constants,
-TorchServe's worker list) and serving.settings (the key file reader).
+The same check as `make serve`'s readiness (serving/readiness.py): the radiograph packed into
+the .mar at archive time goes through the gateway with a client token (XRAY_TOKEN_FILE's first,
+else the generated key file's) and must come back 200 with a label. `/ping` is no substitute: it
+says Healthy before the model is loaded. Exit 0 = healthy, 1 = not (reason on stdout, which
+`docker inspect` shows). The image's PYTHONPATH (/app) gives it handlers/ and serving/.
 """
 
 from __future__ import annotations
 
 import argparse
-import io
 import os
 import sys
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root, also outside the image
 
 from handlers import constants as C
-from handlers.torchserve import is_ready, list_workers, worker_statuses
+from serving import readiness
+from serving.gateway import read_tokens
 from serving.settings import read_keys
 
-KEY_FILE = Path(os.environ.get("XRAY_STATE_DIR", C.CONTAINER_STATE_DIR)) / "keys" / C.KEY_FILE_NAME
+STATE_DIR = Path(os.environ.get("XRAY_STATE_DIR", C.CONTAINER_STATE_DIR))
+KEY_FILE = STATE_DIR / "keys" / C.KEY_FILE_NAME
+MODEL_STORE = Path(os.environ.get("XRAY_MODEL_STORE", C.CONTAINER_MODEL_STORE))
 TIMEOUT = float(os.environ.get("XRAY_HEALTHCHECK_TIMEOUT", "15"))
 
 
-def _request(url: str, token: str, body: bytes) -> tuple[int, bytes]:
-    # urllib's default form content type would make TorchServe parse the image as a form
-    headers = {"Authorization": f"Bearer {token}", "Content-Type": "application/octet-stream"}
-    req = urllib.request.Request(url, data=body, headers=headers, method="POST")
-    try:
-        with urllib.request.urlopen(req, timeout=TIMEOUT) as r:
-            return r.status, r.read()
-    except urllib.error.HTTPError as e:
-        return e.code, e.read()
-
-
-def probe_png() -> bytes:
-    import numpy as np
-    from PIL import Image
-
-    img = np.random.default_rng(0).integers(0, 255, (224, 224), dtype=np.uint8)
-    buf = io.BytesIO()
-    Image.fromarray(img).save(buf, "PNG")
-    return buf.getvalue()
-
-
-def check(inference_url: str = C.INFERENCE_URL, management_url: str = C.MANAGEMENT_URL,
-          key_file: Path = KEY_FILE) -> str | None:
-    """None when healthy, else the reason."""
+def token(key_file: Path) -> str:
+    token_file = os.environ.get(C.TOKEN_FILE_ENV) or str(C.CONTAINER_TOKEN_FILE)
+    if Path(token_file).is_file():
+        return read_tokens(Path(token_file))[0]
     if not key_file.is_file():
-        return f"no key file yet at {key_file}"
-    keys = read_keys(key_file)
-    workers = list_workers(management_url, keys["management"], timeout=TIMEOUT)
-    if not is_ready(workers):
-        return f"no READY worker ({worker_statuses(workers)})"
-    code, body = _request(f"{inference_url}/predictions/{C.MODEL_NAME}", keys["inference"], probe_png())
-    if code != 200:
-        return f"probe prediction answered {code}: {body[:200]!r}"
-    from handlers.schemas import Prediction
-
-    pred = Prediction.model_validate_json(body)
-    print(f"healthy: {pred.model} {pred.version} backend={pred.backend} device={pred.device}")
-    return None
+        raise readiness.NotReady(f"no token: no {C.TOKEN_FILE_ENV} file and no key file at {key_file}")
+    return read_keys(key_file)["inference"]
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--inference-url", default=C.INFERENCE_URL)
-    p.add_argument("--management-url", default=C.MANAGEMENT_URL)
     p.add_argument("--key-file", type=Path, default=KEY_FILE)
+    p.add_argument("--model-store", type=Path, default=MODEL_STORE)
     ns = p.parse_args(argv)
     try:
-        reason = check(ns.inference_url, ns.management_url, ns.key_file)
+        probe = readiness.probe_from_mar(ns.model_store / C.MAR_NAME)
+        prediction = readiness.check(ns.inference_url, token(ns.key_file), probe, TIMEOUT)
     except Exception as exc:  # any failure to check is "unhealthy", with the reason
-        reason = f"{type(exc).__name__}: {exc}"
-    if reason:
-        print(f"unhealthy: {reason}")
+        print(f"unhealthy: {type(exc).__name__}: {exc}")
         return 1
+    print(f"healthy: {prediction.model} {prediction.version} backend={prediction.backend} "
+          f"device={prediction.device} probe={prediction.label}")
     return 0
 
 

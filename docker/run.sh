@@ -4,26 +4,29 @@
 # model_store/ mounted read-only when it holds xray.mar (else the archive baked into the image is
 # served), then wait for the HEALTHCHECK (READY worker + a real prediction) to say healthy.
 #
-# Env: IMAGE, NAME (xray-serve), DOCKER (docker), INFERENCE_PORT, MANAGEMENT_PORT, METRICS_PORT (host
-# ports; default: the container's own, handlers/constants.py), GPUS (auto|all|none|<docker --gpus value>),
-# MODEL_STORE (./model_store), WAIT (300 s; 0 = no wait).
+# Env: IMAGE, NAME (xray-serve), DOCKER (docker), INFERENCE_PORT, METRICS_PORT (host ports; default:
+# the container's own, handlers/constants.py; the management API is never published), TOKEN_FILE
+# (clients' tokens, one a line; else one is generated at each start), GPUS (auto|all|none|<docker
+# --gpus value>), MODEL_STORE (./model_store), WAIT (300 s; 0 = no wait).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 const() { python3 -m handlers.constants "$@"; }
-read -r c_inf c_man c_met c_model c_mar c_store c_state c_key < <(const INFERENCE_PORT MANAGEMENT_PORT METRICS_PORT \
+read -r c_inf c_met c_model c_mar c_store c_state c_key < <(const INFERENCE_PORT METRICS_PORT \
     MODEL_NAME MAR_NAME CONTAINER_MODEL_STORE CONTAINER_STATE_DIR KEY_FILE_NAME | paste -sd' ')
 IMAGE=${IMAGE:-$(const IMAGE)}
 NAME=${NAME:-xray-serve}
 DOCKER=${DOCKER:-docker}
 INFERENCE_PORT=${INFERENCE_PORT:-$c_inf}
-MANAGEMENT_PORT=${MANAGEMENT_PORT:-$c_man}
 METRICS_PORT=${METRICS_PORT:-$c_met}
 GPUS=${GPUS:-auto}
 MODEL_STORE=${MODEL_STORE:-$(const MODEL_STORE)}
 WAIT=${WAIT:-300}
 
 args=(-d --name "$NAME" --restart unless-stopped -p "127.0.0.1:$INFERENCE_PORT:$c_inf"
-      -p "127.0.0.1:$MANAGEMENT_PORT:$c_man" -p "127.0.0.1:$METRICS_PORT:$c_met")
+      -p "127.0.0.1:$METRICS_PORT:$c_met")
+if [ -n "${TOKEN_FILE:-}" ]; then
+    args+=(-v "$(cd "$(dirname "$TOKEN_FILE")" && pwd)/$(basename "$TOKEN_FILE"):$(const CONTAINER_TOKEN_FILE):ro")
+fi
 if [ "$GPUS" = auto ]; then
     command -v nvidia-smi >/dev/null && nvidia-smi -L >/dev/null 2>&1 && GPUS=all || GPUS=none
 fi
@@ -50,7 +53,7 @@ while :; do
     sleep 2
 done
 echo "docker-run: healthy on http://127.0.0.1:$INFERENCE_PORT (GPUs: $GPUS)"
-echo "  tokens:  $DOCKER exec $NAME cat $c_state/keys/$c_key   (new at every start)"
+echo "  token:   ${TOKEN_FILE:-$DOCKER exec $NAME cat $c_state/keys/$c_key   (new at every start)}"
 echo "  predict: curl -H \"Authorization: Bearer \$INFERENCE_KEY\" --data-binary @image.jpeg" \
      "http://127.0.0.1:$INFERENCE_PORT/predictions/$c_model"
 echo "  stop:    $DOCKER rm -f $NAME"

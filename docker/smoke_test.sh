@@ -18,7 +18,7 @@
 # Env: MAR (an existing xray.mar to serve; default: model_store/xray.mar, else a quick one is
 # trained+exported+archived into the temp dir), DATA_DIR, WHEELS (/opt/wheels), PYTHON (.venv's),
 # IMAGE (xray-serve:test); the host ports are free ones picked at run time, the container's are
-# handlers/constants.py's,
+# handlers/constants.py's (inference and metrics; management is never published),
 # BASE_CACHE (a cached base tarball; default ~/.cache/xray-serve/bookworm-minbase.tar),
 # KEEP_ENGINE=1 (leave the daemon and its data root: faster reruns, prints how to stop it).
 set -euo pipefail
@@ -33,7 +33,7 @@ DATA_DIR=${DATA_DIR:-$(cd "$REPO/.." && pwd)/shared/data/chest_xray}
 IMAGE=${IMAGE:-xray-serve:test}
 BASE_IMAGE_TAG=xray-base:bookworm
 const() { "$PYTHON" -m handlers.constants "$@"; }
-read -r c_inf c_man c_met c_mar c_store c_state c_key < <(const INFERENCE_PORT MANAGEMENT_PORT METRICS_PORT \
+read -r c_inf c_met c_mar c_store c_state c_key < <(const INFERENCE_PORT METRICS_PORT \
     MAR_NAME CONTAINER_MODEL_STORE CONTAINER_STATE_DIR KEY_FILE_NAME | paste -sd' ')
 BASE_CACHE=${BASE_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/xray-serve/bookworm-minbase.tar}
 HEALTH_TIMEOUT=${HEALTH_TIMEOUT:-300}
@@ -157,7 +157,7 @@ read -r p0 p1 p2 < <("$PYTHON" -c "from tests.helpers import free_ports; print(*
 docker run -d --name "$CONTAINER" --health-interval 5s --health-start-period 240s \
     --read-only --tmpfs /tmp:exec,mode=1777 --tmpfs "$c_state:uid=10001,gid=10001,mode=0750" \
     --tmpfs /var/log/xray:uid=10001,gid=10001,mode=0750 \
-    -p "127.0.0.1:$p0:$c_inf" -p "127.0.0.1:$p1:$c_man" -p "127.0.0.1:$p2:$c_met" \
+    -p "127.0.0.1:$p0:$c_inf" -p "127.0.0.1:$p2:$c_met" \
     -v "$STORE:$c_store:ro" "$IMAGE" >/dev/null
 user=$(docker inspect -f '{{.Config.User}}' "$CONTAINER")
 [[ "$user" =~ ^[1-9][0-9]*(:[0-9]+)?$ ]] || { echo "container user '$user' is not a numeric non-root uid" >&2; exit 1; }
@@ -178,10 +178,11 @@ log "healthy: $(docker inspect -f '{{json .State.Health.Log}}' "$CONTAINER" \
 
 docker exec "$CONTAINER" cat "$c_state/keys/$c_key" > "$XD/key_file.json"
 [ "$(docker exec "$CONTAINER" id -u)" != 0 ] || { echo "TorchServe runs as root" >&2; exit 1; }
-"$PYTHON" docker/test_container.py --url "http://127.0.0.1:$p0" --management-url "http://127.0.0.1:$p1" \
+"$PYTHON" docker/test_container.py --url "http://127.0.0.1:$p0" \
     --metrics-url "http://127.0.0.1:$p2" --key-file "$XD/key_file.json" --data-dir "$DATA_DIR"
 
-# A graceful stop: SIGTERM reaches TorchServe through tini and the container exits well within 30 s.
+# A graceful stop: SIGTERM reaches the supervisor through tini; it drains the gateway, stops
+# TorchServe and the container exits well within 30 s.
 t0=$(date +%s)
 docker stop -t 30 "$CONTAINER" >/dev/null
 code=$(docker inspect -f '{{.State.ExitCode}}' "$CONTAINER")

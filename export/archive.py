@@ -15,6 +15,7 @@ folder, checked, then moved over MODEL_STORE/xray.mar.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import shutil
 import subprocess
@@ -28,8 +29,17 @@ import yaml
 
 from handlers import constants as C
 from handlers.backends import ModelFileError, load_runner
-from handlers.constants import EXPLAINER_NAME, MANIFEST_PATH, MODEL_CONFIG_NAME, MODEL_NAME, MODEL_SUFFIX
+from handlers.constants import (
+    EXPLAINER_NAME,
+    MANIFEST_PATH,
+    MODEL_CONFIG_NAME,
+    MODEL_NAME,
+    MODEL_SUFFIX,
+    READINESS_PROBE_NAME,
+)
+from handlers.schemas import CLASS_NAMES
 from handlers.torchserve import read_manifest
+from training.sources import default_data_dir, list_image_folder
 
 HANDLERS_DIR = C.REPO_ROOT / "handlers"
 HANDLER = HANDLERS_DIR / "xray_handler.py"
@@ -53,6 +63,20 @@ def stage_explainer(stage: Path, export_dir: Path, model: str) -> list[str]:
     stage.mkdir(parents=True, exist_ok=True)
     shutil.copy2(src, stage / EXPLAINER_NAME)
     return [EXPLAINER_NAME]
+
+
+def stage_probe(stage: Path, data_dir: Path) -> list[str]:
+    """STAGE/readiness_probe: the first PNEUMONIA image of the data's test split (else val, train),
+    as its original bytes. The launcher's readiness check and the container's HEALTHCHECK send it
+    and require a 200 with a label: a probe the model should refuse (noise) proves nothing."""
+    for split in ("test", "val", "train"):
+        with contextlib.suppress(FileNotFoundError):
+            for path, label in list_image_folder(data_dir, split):
+                if CLASS_NAMES[label] == "PNEUMONIA":
+                    stage.mkdir(parents=True, exist_ok=True)
+                    shutil.copyfile(path, stage / READINESS_PROBE_NAME)
+                    return [READINESS_PROBE_NAME]
+    raise ArchiveError(f"no radiograph under {data_dir} for the readiness probe (set DATA_DIR or --data-dir)")
 
 
 def stage_handlers(stage: Path, handlers_dir: Path = HANDLERS_DIR) -> list[str]:
@@ -111,7 +135,8 @@ def build(args: argparse.Namespace) -> dict[str, Any]:
         tmp = Path(tmp_name)
         stage, out = tmp / "stage", tmp / "out"
         out.mkdir()
-        packed = stage_handlers(stage, args.handlers_dir) + stage_explainer(stage, args.export_dir, args.model)
+        packed = (stage_handlers(stage, args.handlers_dir) + stage_explainer(stage, args.export_dir, args.model)
+                  + stage_probe(stage, args.data_dir))
         (tmp / MODEL_CONFIG_NAME).write_text(yaml.safe_dump(config, sort_keys=False))
         cmd = [*archiver_command(), "--model-name", MODEL_NAME, "--version", version,
                "--serialized-file", str(model_path), "--handler", str(args.handler),
@@ -135,6 +160,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="family: xraynet, mlp_bce, mlp_ce (a file in --export-dir)")
     p.add_argument("--backend", choices=sorted(MODEL_SUFFIX), default=C.DEFAULT_BACKEND)
     p.add_argument("--model-store", type=Path, default=C.MODEL_STORE)
+    p.add_argument("--data-dir", type=Path, default=None, help="where the readiness probe comes from "
+                   "(default: DATA_DIR)")
     # Defaults tuned with `make bench` (see handlers/constants.py and README, "Tuning").
     p.add_argument("--batch-size", type=int, default=C.BATCH_SIZE)
     p.add_argument("--max-batch-delay", type=int, default=C.MAX_BATCH_DELAY_MS, help="ms")
@@ -147,6 +174,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--handler", type=Path, default=HANDLER, help=argparse.SUPPRESS)
     p.add_argument("--handlers-dir", type=Path, default=HANDLERS_DIR, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    args.data_dir = args.data_dir or default_data_dir()
     for name in ("batch_size", "min_workers", "max_workers", "response_timeout"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be at least 1")

@@ -17,17 +17,20 @@ MODEL_NAME = "xray"
 MAR_NAME = f"{MODEL_NAME}.mar"
 
 # TorchServe's own defaults; tests and manual runs pick other ports through ServeSettings.
+# The gateway (nginx) listens on these; TorchServe's inference, management and metrics APIs are
+# unix sockets behind it (never published), its gRPC ports on 127.0.0.1 behind its own keys.
 HOST = "127.0.0.1"
 INFERENCE_PORT = 8080
-MANAGEMENT_PORT = 8081
 METRICS_PORT = 8082
 GRPC_INFERENCE_PORT = 7070
 GRPC_MANAGEMENT_PORT = 7071
 INITIAL_WORKER_PORT = 9000
 INFERENCE_URL = f"http://{HOST}:{INFERENCE_PORT}"
-MANAGEMENT_URL = f"http://{HOST}:{MANAGEMENT_PORT}"
 METRICS_URL = f"http://{HOST}:{METRICS_PORT}"
-KEY_FILE_NAME = "key_file.json"  # TorchServe's name, written into the JVM's user.dir
+KEY_FILE_NAME = "key_file.json"  # TorchServe's name; ours (the gateway's token) has the same format
+TOKEN_FILE_ENV = "XRAY_TOKEN_FILE"  # clients' bearer tokens, one a line, re-read on change
+CONTENT_TYPE_HEADER = "x-xray-content-type"  # the client's Content-Type, as the gateway forwards it
+READINESS_PROBE_NAME = "readiness_probe"  # the radiograph packed into the .mar for readiness checks
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DATA_DIR = REPO_ROOT.parent / "shared" / "data" / "chest_xray"  # DATA_DIR in the environment wins
@@ -38,13 +41,14 @@ BEST_DIR = ARTIFACTS / "best"
 EXPORT_DIR = ARTIFACTS / "export"
 MODEL_STORE = REPO_ROOT / "model_store"
 REPORTS_DIR = REPO_ROOT / "reports"
-STATE_DIR = REPO_ROOT / ".serve"  # pid file, key file, temp dirs of a local TorchServe
+STATE_DIR = REPO_ROOT / ".serve"  # sockets, pid files, keys, temp dirs of a local server (0700)
 LOG_DIR = REPO_ROOT / "logs"
 
 # Inside the container (the Dockerfile's ENV says the same for entrypoint.sh).
 CONTAINER_STATE_DIR = Path("/var/lib/xray")
 CONTAINER_LOG_DIR = Path("/var/log/xray")
 CONTAINER_MODEL_STORE = Path("/app/model_store")
+CONTAINER_TOKEN_FILE = Path("/var/run/secrets/xray/token")
 IMAGE = "xray-serve:latest"
 
 # The archive (export.archive). Defaults tuned with `make bench` on the 2-core CPU machine (README,

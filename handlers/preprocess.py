@@ -3,7 +3,7 @@
 Training, the export parity check, the TorchServe handler and the client all call this
 module, so a served image goes through exactly the steps a training image went through:
 
-    decode(bytes) or gray_from_array(array) -> float32 HxW in [0, 1]
+    decode(bytes) or gray_from_array(array) -> float32 HxW in [0, 1] (EXIF orientation applied)
     resize(gray, size)                      -> float32 size x size (bilinear)
     normalize(x, mean, std)                 -> float32, then [1, size, size] for the model
 
@@ -17,7 +17,7 @@ import io
 import warnings
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 # Refused before any pixel is decoded: a 6000x6000 image is already larger than any
 # radiograph we serve, and the header alone tells us (decompression bombs).
@@ -106,6 +106,12 @@ def _decode_pil(data: bytes) -> np.ndarray:
             image.load()
     except Exception as exc:  # truncated data, bad chunks, CRC errors, bombs
         raise PreprocessError(400, "corrupt_image", f"the image data is corrupt or truncated: {exc}") from None
+    try:
+        # Phones and some tools store a radiograph rotated with an EXIF Orientation tag; the model
+        # was trained upright, so the tag is applied here, for training and serving alike.
+        image = ImageOps.exif_transpose(image)
+    except Exception as exc:  # a broken EXIF block
+        raise PreprocessError(400, "corrupt_image", f"the image's EXIF orientation is unreadable: {exc}") from None
     return _pil_to_gray(image)
 
 

@@ -15,6 +15,8 @@ from typing import Any
 
 import numpy as np
 
+from handlers import multipart
+from handlers.constants import CONTENT_TYPE_HEADER
 from handlers.preprocess import PreprocessError, preprocess
 from handlers.schemas import ErrorBody, ModelCard
 
@@ -60,6 +62,17 @@ def payload(request: dict) -> bytes:
                           f"'file' or a raw body; got fields {fields}")
 
 
+def request_fields(request: dict, content_type: Any) -> dict:
+    """A multipart body (the gateway passes forms on as raw bytes, their Content-Type beside) parsed
+    into its fields, or a PreprocessError; any other request as TorchServe gives it."""
+    if isinstance(content_type, bytes | bytearray):
+        content_type = bytes(content_type).decode("latin-1")
+    body = request.get("body")
+    if multipart.is_multipart(content_type) and isinstance(body, bytes | bytearray):
+        return multipart.parse(bytes(body), content_type)
+    return request
+
+
 def header(headers: dict[str, Any], name: str) -> Any:
     """A request header, whatever the case the client wrote it in."""
     return next((v for k, v in headers.items() if str(k).lower() == name), None)
@@ -88,9 +101,10 @@ def read_request(index: int, request: dict, headers: dict[str, Any], card: Model
     """Decode one request on its own; whatever is wrong with it becomes its error, never the batch's."""
     r = XrayRequest(index, explain=str(header(headers, EXPLAIN_HEADER)) == "True")
     try:
-        r.image = preprocess(payload(request), card.input_size, card.mean, card.std)
+        fields = request_fields(request, header(headers, CONTENT_TYPE_HEADER))
+        r.image = preprocess(payload(fields), card.input_size, card.mean, card.std)
         if r.explain:
-            r.target = explain_target(request, headers, card.class_names)
+            r.target = explain_target(fields, headers, card.class_names)
     except PreprocessError as err:
         r.refuse(err.status, err.type, err.message)
     except Exception as exc:

@@ -8,9 +8,9 @@ Used by the launcher, the container's health check and test, the soak and the te
 
 from __future__ import annotations
 
+import http.client
 import json
-import urllib.error
-import urllib.request
+import socket
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -20,18 +20,39 @@ from handlers.constants import MANIFEST_PATH, MODEL_NAME
 READY = "READY"
 
 
-def list_workers(management_url: str, token: str | None, model: str = MODEL_NAME,
+class _UnixHTTPConnection(http.client.HTTPConnection):
+    """HTTP over a unix socket: TorchServe's management API listens on one (never on TCP)."""
+
+    def __init__(self, path: Path, timeout: float) -> None:
+        super().__init__("localhost", timeout=timeout)
+        self.path = str(path)
+
+    def connect(self) -> None:
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.settimeout(self.timeout)
+        self.sock.connect(self.path)
+
+
+def management_request(management_socket: Path, token: str | None, method: str, path: str,
+                       timeout: float = 10) -> tuple[int, bytes]:
+    """One request to TorchServe's management API on its unix socket: (status, body)."""
+    conn = _UnixHTTPConnection(management_socket, timeout)
+    try:
+        conn.request(method, path, headers={"Authorization": f"Bearer {token}"} if token else {})
+        r = conn.getresponse()
+        return r.status, r.read()
+    finally:
+        conn.close()
+
+
+def list_workers(management_socket: Path, token: str | None, model: str = MODEL_NAME,
                  timeout: float = 10) -> list[dict[str, Any]]:
     """The model's workers (id, pid, status, ...) as `GET /models/<model>` lists them.
 
     [] when the API answers anything but 200 (not registered yet, wrong token). A server that
-    does not answer at all raises OSError (urllib.error.URLError, ConnectionError, TimeoutError)."""
-    req = urllib.request.Request(f"{management_url.rstrip('/')}/models/{model}",
-                                 headers={"Authorization": f"Bearer {token}"} if token else {})
-    try:
-        with urllib.request.urlopen(req, timeout=timeout) as r:
-            body = r.read()
-    except urllib.error.HTTPError:
+    does not answer at all raises OSError (ConnectionError, FileNotFoundError, TimeoutError)."""
+    status, body = management_request(management_socket, token, "GET", f"/models/{model}", timeout)
+    if status != 200:
         return []
     try:
         return list(json.loads(body)[0].get("workers", []))

@@ -22,7 +22,6 @@ import argparse
 import asyncio
 import json
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -38,7 +37,7 @@ from handlers.preprocess import preprocess
 from handlers.torchserve import read_manifest, read_model_config
 from serving import launcher
 from serving.client import XrayClient, XrayError
-from serving.load import endpoint_level, load_bodies, metric_sum, percentiles_ms
+from serving.load import endpoint_level, load_bodies, metric_sum, percentiles_ms, wrk_level
 from serving.settings import ServeSettings
 from training.sources import default_data_dir
 
@@ -80,47 +79,6 @@ def in_process(model: Path, bodies: list[bytes], batch_size: int, passes: int = 
             "single_p50_ms": percentiles_ms(single)["p50"], "single_p99_ms": percentiles_ms(single)["p99"],
             "single_rps": round(len(single) / sum(single), 2),
             "throughput_rps": round(len(bodies) * passes / batched_s, 2)}
-
-
-# wrk cycles through the same image bodies; done() prints the exact percentiles as one JSON line.
-WRK_SCRIPT = """
-local files = {%(files)s}
-local bodies = {}
-for i, path in ipairs(files) do local f = io.open(path, "rb"); bodies[i] = f:read("*all"); f:close() end
-local headers = {["Content-Type"] = "application/octet-stream", ["Authorization"] = "Bearer %(token)s"}
-local n = 0
-request = function()
-  n = n %% #bodies + 1
-  return wrk.format("POST", nil, headers, bodies[n])
-end
-done = function(summary, latency, requests)
-  local e = summary.errors
-  io.write(string.format('WRK {"requests": %%d, "non_2xx": %%d, "socket_errors": %%d, "duration_us": %%d, '
-    .. '"p50_us": %%d, "p99_us": %%d}\\n', summary.requests, e.status, e.connect + e.read + e.write + e.timeout,
-    summary.duration, latency:percentile(50), latency:percentile(99)))
-end
-"""
-
-
-def wrk_level(url: str, token: str | None, bodies: list[bytes], concurrency: int, seconds: float) -> dict[str, Any]:
-    """One concurrency level driven by wrk (C, one thread): the Python client cannot load 2 cores' worth."""
-    with tempfile.TemporaryDirectory() as tmp:
-        files = []
-        for i, body in enumerate(bodies):
-            files.append(Path(tmp) / f"{i}.bin")
-            files[-1].write_bytes(body)
-        script = Path(tmp) / "post.lua"
-        script.write_text(WRK_SCRIPT % {"files": ", ".join(f'"{f}"' for f in files), "token": token or ""})
-        out = subprocess.run(["wrk", "-t", "1", "-c", str(concurrency), "-d", f"{seconds:g}s", "--timeout", "30s",
-                              "-s", str(script), url], capture_output=True, text=True, timeout=seconds + 60)
-    line = next((x for x in out.stdout.splitlines() if x.startswith("WRK ")), None)
-    if line is None:
-        raise RuntimeError(f"wrk failed: {out.stdout[-500:]} {out.stderr[-500:]}")
-    w = json.loads(line[4:])
-    ok = w["requests"] - w["non_2xx"]
-    return {"concurrency": concurrency, "requests": w["requests"], "errors": w["non_2xx"] + w["socket_errors"],
-            "throughput_rps": round(ok / (w["duration_us"] / 1e6), 2), "p50_ms": round(w["p50_us"] / 1000, 2),
-            "p99_ms": round(w["p99_us"] / 1000, 2), "first_error": None, "load": "wrk"}
 
 
 def endpoint(args: argparse.Namespace, bodies: list[bytes]) -> list[dict[str, Any]]:

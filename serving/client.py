@@ -10,10 +10,11 @@
     predict_sync(jpeg_bytes, url=INFERENCE_URL)  # one-off, blocking
 
 Every 200 answer is validated as a Prediction. A 4xx raises XrayHTTPError carrying the server's
-ErrorBody and is never retried, except a refused token (TorchServe 0.12: 400
-InvalidKeyException after expiry or rotation): the key file is read again and the request sent
-once more. 502/503/504/507, connection errors and timeouts are retried with exponential
-back-off; when the attempts run out, XrayUnavailable says how many were made and why.
+ErrorBody and is never retried, except a refused token (the gateway's 401 after a rotation):
+the key file is read again and the request sent once more. 502/503/504/507 (the gateway's 503
+for a died worker, a restarting server or overload), connection errors and timeouts are retried
+with exponential back-off, never sooner than the server's Retry-After; when the attempts run
+out, XrayUnavailable says how many were made and why.
 """
 
 from __future__ import annotations
@@ -61,7 +62,8 @@ class XrayHTTPError(XrayError):
 
     @property
     def token_refused(self) -> bool:
-        return self.error.type == "InvalidKeyException"
+        # 401 from the gateway; TorchServe itself answered 400 InvalidKeyException.
+        return self.status == 401 or self.error.type == "InvalidKeyException"
 
 
 class XrayUnavailable(XrayError):
@@ -110,6 +112,14 @@ def _error_body(response: httpx.Response) -> ErrorBody:
     except (ValueError, ValidationError):
         text = response.text.strip()[:300] or response.reason_phrase or "no body"
         return ErrorBody(code=response.status_code, type=f"http_{response.status_code}", message=text)
+
+
+def _retry_after(response: httpx.Response) -> float:
+    """The server's Retry-After in seconds (0 when absent or not a number), capped at MAX_BACKOFF_S."""
+    try:
+        return min(MAX_BACKOFF_S, max(0.0, float(response.headers.get("retry-after", 0))))
+    except ValueError:
+        return 0.0
 
 
 class XrayClient:
@@ -168,11 +178,11 @@ class XrayClient:
         return explanation
 
     async def _post(self, url: str, body: bytes, headers: dict[str, str], schema: type[M]) -> tuple[M, int]:
-        attempts, refreshed, cause = 0, False, ""
+        attempts, refreshed, cause, retry_after = 0, False, "", 0.0
         max_attempts = self.retries + 1
         while attempts < max_attempts:
             if attempts and cause:  # back off only after a retryable failure, not after a token refresh
-                await asyncio.sleep(self._delay(attempts))
+                await asyncio.sleep(max(self._delay(attempts), retry_after))
             attempts += 1
             self.requests_sent += 1
             if self.token:
@@ -189,6 +199,7 @@ class XrayClient:
                     raise XrayInvalidResponse(str(exc)[:500], attempts) from None
             if response.status_code in RETRY_STATUSES:
                 cause = f"HTTP {response.status_code} {_error_body(response).message[:200]}"
+                retry_after = _retry_after(response)
                 continue
             error = XrayHTTPError(response.status_code, _error_body(response), attempts)
             if error.token_refused and not refreshed:

@@ -1,8 +1,13 @@
 """Server settings, validated by pydantic, rendered into TorchServe's config.properties.
 
 One source of truth: serving/config.properties in the repository is `python -m serving.settings`
-with the defaults (a test checks it), the launcher renders the same with its ports, and the
+with the defaults (a test checks it), the launcher renders the same with its paths, and the
 container renders it with --host 0.0.0.0.
+
+Clients never reach TorchServe itself: an nginx gateway (serving/gateway.py) listens on
+`host`:inference_port and `host`:metrics_port and forwards to TorchServe's inference and
+metrics APIs on unix sockets inside the private state dir; the management API is only on a
+unix socket there too, so no client, whatever token it holds, can change the worker count.
 
     python -m serving.settings [--host 0.0.0.0] [--state-dir DIR] > config.properties
 """
@@ -20,14 +25,22 @@ from pydantic import BaseModel, ConfigDict, Field, IPvAnyAddress
 from handlers import constants as C
 from handlers.constants import KEY_FILE_NAME, MODEL_NAME, REPO_ROOT
 
+# TorchServe's internal keys live as long as the server: only the gateway and launcher hold them.
+TS_TOKEN_EXPIRATION_MIN = 60 * 24 * 365
+LOG_FILES = ("access_log", "model_log", "model_metrics", "ts_log", "ts_metrics")
+# (logger, level, file): access lines at info; the worker's stdout/stderr (MODEL_LOG) at info so
+# its tracebacks stay; nothing reaches the console (torchserve.out holds start-up and crashes only).
+LOGGERS = (("ACCESS_LOG", "info", "access_log"), ("MODEL_LOG", "info", "model_log"),
+           ("MODEL_METRICS", "info", "model_metrics"), ("org.pytorch.serve", "info", "ts_log"),
+           ("TS_METRICS", "info", "ts_metrics"))
+
 
 class ServeSettings(BaseModel):
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
 
-    host: IPvAnyAddress = Field(default=C.HOST, description="every port binds here; 0.0.0.0 only in a container")
-    inference_port: int = Field(default=C.INFERENCE_PORT, ge=1, le=65535)
-    management_port: int = Field(default=C.MANAGEMENT_PORT, ge=1, le=65535)
-    metrics_port: int = Field(default=C.METRICS_PORT, ge=1, le=65535)
+    host: IPvAnyAddress = Field(default=C.HOST, description="the gateway binds here; 0.0.0.0 only in a container")
+    inference_port: int = Field(default=C.INFERENCE_PORT, ge=1, le=65535, description="the gateway's inference port")
+    metrics_port: int = Field(default=C.METRICS_PORT, ge=1, le=65535, description="the gateway's /metrics port")
     grpc_inference_port: int = Field(default=C.GRPC_INFERENCE_PORT, ge=1, le=65535)
     grpc_management_port: int = Field(default=C.GRPC_MANAGEMENT_PORT, ge=1, le=65535)
     initial_worker_port: int = Field(default=C.INITIAL_WORKER_PORT, ge=1, le=65535,
@@ -35,12 +48,26 @@ class ServeSettings(BaseModel):
     # Relative paths are relative to the repository root (see resolved()).
     model_store: Path = C.MODEL_STORE.relative_to(REPO_ROOT)
     state_dir: Path = Field(default=C.STATE_DIR.relative_to(REPO_ROOT),
-                            description="pid, key file, temp dirs (git-ignored)")
+                            description="sockets, pid files, keys, temp dirs (git-ignored, 0700)")
     log_dir: Path = C.LOG_DIR.relative_to(REPO_ROOT)
     max_request_size: int = Field(default=16 * 1024 * 1024, gt=0, description="bytes; larger bodies get 413")
-    token_expiration_min: float = Field(default=60, gt=0)
     job_queue_size: int = Field(default=256, ge=1)
     netty_threads: int = Field(default=0, ge=0, description="0 = TorchServe's default (cores)")
+    # The gateway's budget. The Java frontend holds every body it is sent (netty's aggregate,
+    # then the job's copy), so the heap is sized from what the gateway lets through at once.
+    max_inflight: int = Field(default=64, ge=1, description="requests past the gateway at once; more -> 503")
+    max_large_inflight: int = Field(default=8, ge=1, description="of those, bodies >= large_body_bytes")
+    large_body_bytes: int = Field(default=1_000_000, ge=1)
+    max_connections: int = Field(default=4096, ge=64, description="open client connections (idle ones are "
+                                 "closed first when the gateway runs out)")
+    client_timeout_s: int = Field(default=10, ge=1, description="header, body-read gap and idle keep-alive")
+    upstream_timeout_s: int = Field(default=60, ge=1, description="one request inside TorchServe")
+    drain_timeout_s: int = Field(default=30, ge=1, description="`stop` waits this long for in-flight requests")
+    retry_after_s: int = Field(default=1, ge=1, description="Retry-After of a 503")
+    token_file: Path | None = Field(default=None, description="bearer tokens, one a line, re-read on change "
+                                    "(env XRAY_TOKEN_FILE); None: one is generated into key_file")
+    log_max_mb: int = Field(default=10, ge=1, description="each log file rolls over at this size")
+    log_backups: int = Field(default=5, ge=1)
 
     def resolved(self) -> ServeSettings:
         """A copy whose paths are absolute, anchored at the repository root."""
@@ -57,38 +84,56 @@ class ServeSettings(BaseModel):
         return self.url(self.inference_port)
 
     @property
-    def management_url(self) -> str:
-        return self.url(self.management_port)
-
-    @property
     def metrics_url(self) -> str:
         return self.url(self.metrics_port)
 
     @property
     def key_file(self) -> Path:
-        # TorchServe writes key_file.json into the JVM's user.dir; vmargs points it here.
+        """The gateway's bearer token for clients ({"inference": {"key": ...}}, TorchServe's format)."""
         return self.state_dir / "keys" / KEY_FILE_NAME
 
+    @property
+    def ts_key_file(self) -> Path:
+        # TorchServe's own keys (it writes key_file.json into the JVM's user.dir; vmargs points it
+        # here): the gateway and the launcher use them, no client ever sees them. They guard the
+        # gRPC ports, which TorchServe always opens on TCP.
+        return self.state_dir / "ts" / KEY_FILE_NAME
+
+    @property
+    def run_dir(self) -> Path:
+        """Unix sockets, pid files, the gateway's config and body buffers (mode 0700)."""
+        return self.state_dir / "run"
+
+    def socket(self, api: str) -> Path:
+        return self.run_dir / f"ts.{api}.sock"
+
+    @property
+    def heap_mb(self) -> int:
+        """-Xmx: 256 MiB for TorchServe itself + 3 copies of every body the gateway lets in at once."""
+        small = self.max_inflight * self.large_body_bytes
+        large = self.max_large_inflight * self.max_request_size
+        return 256 + -(-3 * (small + large) // 2**20)
+
     def ports(self) -> list[int]:
-        return [self.inference_port, self.management_port, self.metrics_port, self.grpc_inference_port,
-                self.grpc_management_port]
+        return [self.inference_port, self.metrics_port, self.grpc_inference_port, self.grpc_management_port]
 
     def properties(self) -> str:
-        """config.properties for these settings. Token auth on, model API off, all on `host`."""
-        h = str(self.host)
+        """config.properties for TorchServe behind the gateway: HTTP APIs on unix sockets, token
+        auth on, model API off, gRPC on 127.0.0.1 whatever `host` is (only the gateway is published)."""
         lines = {
-            "inference_address": f"http://{h}:{self.inference_port}",
-            "management_address": f"http://{h}:{self.management_port}",
-            "metrics_address": f"http://{h}:{self.metrics_port}",
-            "grpc_inference_address": h,
+            "inference_address": f"unix:{self.socket('inference')}",
+            "management_address": f"unix:{self.socket('management')}",
+            "metrics_address": f"unix:{self.socket('metrics')}",
+            "use_native_io": "true",  # unix sockets need netty's epoll transport
+            "grpc_inference_address": "127.0.0.1",
             "grpc_inference_port": self.grpc_inference_port,
-            "grpc_management_address": h,
+            "grpc_management_address": "127.0.0.1",
             "grpc_management_port": self.grpc_management_port,
             "initial_worker_port": self.initial_worker_port,
             "model_store": self.model_store,
             "load_models": f"{MODEL_NAME}={MODEL_NAME}.mar",
             "disable_token_authorization": "false",
-            "token_expiration_min": self.token_expiration_min,
+            "token_expiration_min": TS_TOKEN_EXPIRATION_MIN,
             "enable_model_api": "false",
             "enable_envvars_config": "false",  # no environment variable may loosen the above
             "install_py_dep_per_model": "false",
@@ -97,11 +142,28 @@ class ServeSettings(BaseModel):
             "metrics_mode": "prometheus",
             "model_metrics_auto_detect": "true",  # the handler's Xray* metrics on /metrics
             "job_queue_size": self.job_queue_size,
-            "vmargs": f"-Xmx1g -XX:+ExitOnOutOfMemoryError -Duser.dir={self.key_file.parent}",
+            # A heap exhausted anyway exits at once; the launcher's supervisor starts a new server.
+            "vmargs": f"-Xmx{self.heap_mb}m -XX:+ExitOnOutOfMemoryError -Duser.dir={self.ts_key_file.parent}",
         }
         if self.netty_threads:
             lines["number_of_netty_threads"] = self.netty_threads
         return "".join(f"{k}={v}\n" for k, v in lines.items())
+
+    def log4j2(self) -> str:
+        """TorchServe's log4j2 config: every log rolls over at log_max_mb and keeps log_backups
+        files (TorchServe's own sends every access and debug line to stdout too, unbounded)."""
+        appenders = "".join(
+            f'  <RollingFile name="{name}" fileName="{self.log_dir}/{name}.log" '
+            f'filePattern="{self.log_dir}/{name}.%i.log.gz">\n'
+            '   <PatternLayout pattern="%d{ISO8601} [%-5p] %t %c - %m%n"/>\n'
+            f'   <Policies><SizeBasedTriggeringPolicy size="{self.log_max_mb} MB"/></Policies>\n'
+            f'   <DefaultRolloverStrategy max="{self.log_backups}"/>\n  </RollingFile>\n' for name in LOG_FILES)
+        loggers = "".join(f'  <Logger name="{logger}" level="{level}" additivity="false">'
+                          f'<AppenderRef ref="{name}"/></Logger>\n' for logger, level, name in LOGGERS)
+        return ('<?xml version="1.0" encoding="UTF-8"?>\n<Configuration>\n <Appenders>\n'
+                f'{appenders} </Appenders>\n <Loggers>\n{loggers}'
+                '  <Logger name="io.netty" level="error"/>\n  <Logger name="org.apache" level="off"/>\n'
+                '  <Root level="warn"><AppenderRef ref="ts_log"/></Root>\n </Loggers>\n</Configuration>\n')
 
 
 def read_keys(key_file: Path, attempts: int = 20) -> dict[str, str]:

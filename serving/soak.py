@@ -26,29 +26,31 @@ from handlers import constants as C
 from handlers.torchserve import list_workers
 from serving.client import XrayClient
 from serving.load import endpoint_level, load_bodies
-from serving.settings import token
+from serving.settings import ServeSettings, read_keys
 from training.sources import default_data_dir
 
 
-def worker_rss(management_url: str, mtoken: str | None) -> int:
+def worker_rss(server: ServeSettings) -> int:
     """Total RSS in bytes of the model's worker processes (0 when none answers)."""
     total = 0
-    for w in list_workers(management_url, mtoken):
+    with contextlib.suppress(OSError, KeyError, ValueError):  # TorchServe restarting: no key, no socket yet
+        workers = list_workers(server.socket("management"), read_keys(server.ts_key_file, attempts=3)["management"])
+    for w in locals().get("workers", []):
         with contextlib.suppress(psutil.Error, ValueError):
             total += psutil.Process(int(w["pid"])).memory_info().rss
     return total
 
 
-async def soak(url: str, management_url: str, bodies: list[bytes], seconds: float, concurrency: int,
+async def soak(url: str, server: ServeSettings, bodies: list[bytes], seconds: float, concurrency: int,
                warmup: float, key_file: Path | None = None) -> dict:
-    """bench's load loop for `seconds`, with the workers' RSS sampled every second beside it."""
-    mtoken = token("management", key_file)
+    """bench's load loop for `seconds`, with the workers' RSS sampled every second beside it
+    (through the management socket of the server whose state dir `server` names)."""
     rss: list[tuple[float, int]] = []
     t0 = time.perf_counter()
 
     async def sampler() -> None:
         while time.perf_counter() < t0 + seconds:
-            rss.append((time.perf_counter() - t0, await asyncio.to_thread(worker_rss, management_url, mtoken)))
+            rss.append((time.perf_counter() - t0, await asyncio.to_thread(worker_rss, server)))
             await asyncio.sleep(1.0)
 
     async with XrayClient(url, key_file=key_file, concurrency=concurrency, retries=0) as client:
@@ -63,7 +65,8 @@ async def soak(url: str, management_url: str, bodies: list[bytes], seconds: floa
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--url", default=C.INFERENCE_URL)
-    p.add_argument("--management-url", default=C.MANAGEMENT_URL)
+    p.add_argument("--state-dir", type=Path, default=None, help="the server's state dir (default .serve): "
+                   "worker RSS through its management socket")
     p.add_argument("--minutes", type=float)
     p.add_argument("--seconds", type=float, default=60)
     p.add_argument("--concurrency", type=int, default=64)
@@ -76,8 +79,9 @@ def main(argv: list[str] | None = None) -> int:
     ns = p.parse_args(argv)
     seconds = ns.minutes * 60 if ns.minutes else ns.seconds
     warmup = ns.warmup if ns.warmup is not None else min(60.0, 0.2 * seconds)
+    server = ServeSettings(**({"state_dir": ns.state_dir} if ns.state_dir else {})).resolved()
     bodies = load_bodies(ns.data_dir or default_data_dir(), ns.images)
-    report = asyncio.run(soak(ns.url, ns.management_url, bodies, seconds, ns.concurrency, warmup, ns.key_file))
+    report = asyncio.run(soak(ns.url, server, bodies, seconds, ns.concurrency, warmup, ns.key_file))
     ns.out.parent.mkdir(parents=True, exist_ok=True)
     ns.out.write_text(json.dumps(report, indent=1))
     print(json.dumps(report, indent=1))

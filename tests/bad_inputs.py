@@ -29,6 +29,18 @@ def _save(image: Image.Image, fmt: str, **kw: object) -> bytes:
     return buf.getvalue()
 
 
+FORM = "multipart/form-data; boundary=XBOUNDARYX"
+
+
+def _form(parts: list[tuple[bytes, bytes]], extra_headers: bytes = b"") -> bytes:
+    """A multipart/form-data body with boundary XBOUNDARYX: (disposition params, data) per part."""
+    out = b""
+    for params, data in parts:
+        out += (b"--XBOUNDARYX\r\nContent-Disposition: form-data; " + params + b'; filename="x"\r\n' + extra_headers
+                + b"\r\n" + data + b"\r\n")
+    return out + b"--XBOUNDARYX--\r\n"
+
+
 def _npy(arr: np.ndarray) -> bytes:
     buf = io.BytesIO()
     np.save(buf, arr, allow_pickle=False)
@@ -99,4 +111,17 @@ def cases(good_jpeg: bytes) -> list[Case]:
              + b" " * 53 + b"\n" + b"\x80\x04N.", 400, "invalid_array"),
         Case("npy_truncated", _npy(gray)[:200], 400, "invalid_array"),
         Case("npy_tiny", _npy(np.zeros((4, 4), np.uint8)), 400, "image_too_small"),
+        # multipart, parsed by the handler (TorchServe's own parser answered 500 with Java internals)
+        Case("multipart_ok", _form([(b'name="data"', png)]), 200, None, FORM),
+        Case("multipart_empty_name", _form([(b'name=""', png)]), 400, "malformed_multipart", FORM),
+        Case("multipart_base64_part", _form([(b'name="data"', b"aGVsbG8=")], b"Content-Transfer-Encoding: base64\r\n"),
+             415, "unsupported_transfer_encoding", FORM),
+        Case("multipart_unknown_charset", _form([(b'name="data"', png)]), 200, None, FORM + "; charset=x-klingon"),
+        Case("multipart_no_boundary", _form([(b'name="data"', png)]), 400, "malformed_multipart",
+             "multipart/form-data"),
+        Case("multipart_unclosed", _form([(b'name="data"', png)])[:-8], 400, "malformed_multipart", FORM),
+        Case("multipart_garbage", b"--XBOUNDARYX\r\nno headers at all", 400, "malformed_multipart", FORM),
+        Case("multipart_wrong_field", _form([(b'name="image"', png)]), 400, "missing_field", FORM),
+        Case("multipart_json_part", _form([(b'name="data"', b'{"a": 1}')], b"Content-Type: application/json\r\n"),
+             415, "unsupported_media_type", FORM),
     ]

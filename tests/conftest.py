@@ -59,12 +59,12 @@ def export_dir(workdir: Path, best_dir: Path, data_dir: Path) -> Path:
 
 
 @pytest.fixture(scope="session")
-def model_store(workdir: Path, export_dir: Path) -> Path:
+def model_store(workdir: Path, export_dir: Path, data_dir: Path) -> Path:
     """`make archive`: model_store/xray.mar (best CNN, ONNX Runtime backend)."""
     out = workdir / "model_store"
     # A longer batch delay than the default so that concurrent test requests share a batch.
     run_cli("export.archive", "--export-dir", str(export_dir), "--model-store", str(out),
-            "--max-batch-delay", "50")
+            "--max-batch-delay", "50", "--data-dir", str(data_dir))
     return out
 
 

@@ -14,7 +14,6 @@ import pytest
 from PIL import Image
 
 from handlers.constants import REPO_ROOT as REPO
-from handlers.torchserve import list_workers
 from serving.settings import ServeSettings, read_keys
 
 CLASSES = ("NORMAL", "PNEUMONIA")
@@ -71,18 +70,21 @@ def free_ports(n: int) -> list[int]:
             s.close()
 
 
-def serve_settings(root: Path, model_store: Path) -> ServeSettings:
-    ports = free_ports(6)
-    return ServeSettings(inference_port=ports[0], management_port=ports[1], metrics_port=ports[2],
-                         grpc_inference_port=ports[3], grpc_management_port=ports[4],
-                         initial_worker_port=ports[5] + 20000 if ports[5] < 40000 else ports[5] - 20000,
-                         model_store=model_store, state_dir=root / "state", log_dir=root / "logs")
+def serve_settings(root: Path, model_store: Path, **overrides: object) -> ServeSettings:
+    ports = free_ports(5)
+    return ServeSettings(inference_port=ports[0], metrics_port=ports[1],
+                         grpc_inference_port=ports[2], grpc_management_port=ports[3],
+                         initial_worker_port=ports[4] + 20000 if ports[4] < 40000 else ports[4] - 20000,
+                         model_store=model_store, state_dir=root / "state", log_dir=root / "logs", **overrides)
 
 
 def keys(settings: ServeSettings) -> dict[str, str]:
+    """The client's key file: {"inference": the gateway's bearer token}."""
     return read_keys(settings.key_file)
 
 
 def workers(settings: ServeSettings) -> list[dict]:
-    """The model's workers as the management API lists them (id, pid, status, ...)."""
-    return list_workers(settings.management_url, keys(settings)["management"])
+    """The model's workers as the management API (unix socket) lists them (id, pid, status, ...)."""
+    from serving.launcher import list_workers
+
+    return list_workers(settings)

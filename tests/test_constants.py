@@ -19,10 +19,10 @@ def run_constants(*names: str) -> subprocess.CompletedProcess:
 
 
 def test_shell_reads_the_same_values_as_python() -> None:
-    out = run_constants("MODEL_NAME", "INFERENCE_PORT", "MANAGEMENT_URL", "MODEL_STORE")
+    out = run_constants("MODEL_NAME", "INFERENCE_PORT", "METRICS_URL", "MODEL_STORE")
     assert out.returncode == 0, out.stderr
     s = ServeSettings().resolved()
-    assert out.stdout.split() == [C.MODEL_NAME, str(s.inference_port), s.management_url, str(s.model_store)]
+    assert out.stdout.split() == [C.MODEL_NAME, str(s.inference_port), s.metrics_url, str(s.model_store)]
     bad = run_constants("NO_SUCH_NAME")
     assert bad.returncode == 2 and "NO_SUCH_NAME" in bad.stderr
 

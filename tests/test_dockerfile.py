@@ -41,9 +41,9 @@ def test_user_is_numeric_and_not_root(instructions):
     assert m.group(2) is None or int(m.group(2)) != 0, "group 0 is root's"
 
 
-def test_exposes_the_three_http_ports_and_the_container_paths_of_the_constants(instructions):
+def test_exposes_the_gateway_ports_and_the_container_paths_of_the_constants(instructions):
     ports = {p.split("/")[0] for v in values(instructions, "EXPOSE") for p in v.split()}
-    assert ports == {str(p) for p in (C.INFERENCE_PORT, C.MANAGEMENT_PORT, C.METRICS_PORT)}
+    assert ports == {str(p) for p in (C.INFERENCE_PORT, C.METRICS_PORT)}  # management is never published
     env = dict(kv.split("=", 1) for v in values(instructions, "ENV") for kv in v.split() if "=" in kv)
     assert env["XRAY_STATE_DIR"] == str(C.CONTAINER_STATE_DIR) and env["XRAY_LOG_DIR"] == str(C.CONTAINER_LOG_DIR)
     assert env["XRAY_MODEL_STORE"] == str(C.CONTAINER_MODEL_STORE)
@@ -58,7 +58,7 @@ def test_healthcheck_checks_the_model_not_only_ping(instructions):
     if "/ping" in cmd:
         assert "/predictions/" in cmd or "/models/" in cmd, "/ping says Healthy before the model is loaded"
     assert re.search(r"(/app/)?docker/healthcheck\.py", cmd), f"HEALTHCHECK should run docker/healthcheck.py: {cmd!r}"
-    # what healthcheck.py decides is tested against a real TorchServe in tests/test_serving.py
+    # what healthcheck.py decides is tested against a real server in tests/test_serving.py
 
 
 def test_entrypoint_is_exec_form(instructions):
@@ -85,7 +85,9 @@ def test_container_config_has_token_auth_on_and_model_api_off():
 
     props = dict(line.split("=", 1) for line in ServeSettings(host="0.0.0.0").properties().splitlines())
     assert props["disable_token_authorization"] == "false" and props["enable_model_api"] == "false"
-    assert props["inference_address"] == f"http://0.0.0.0:{C.INFERENCE_PORT}"
+    # behind the gateway: TorchServe's HTTP APIs on unix sockets, gRPC on loopback whatever the host
+    assert props["inference_address"].startswith("unix:") and props["management_address"].startswith("unix:")
+    assert props["grpc_inference_address"] == props["grpc_management_address"] == "127.0.0.1"
 
 
 def test_base_image_is_cuda_13_with_cudnn(instructions):

@@ -23,7 +23,7 @@ pytestmark = [pytest.mark.server, pytest.mark.slow]
 def test_soak_20_seconds_at_concurrency_64(server: ServeSettings, data_dir: Path, tmp_path: Path) -> None:
     out = tmp_path / "soak.json"
     run_cli("serving.soak", "--seconds", "20", "--warmup", "8", "--concurrency", "64", "--url", server.inference_url,
-            "--management-url", server.management_url,
+            "--state-dir", str(server.state_dir),
             "--key-file", str(server.key_file), "--data-dir", str(data_dir), "--out", str(out),
             "--max-rss-growth", "0.10")
     report = json.loads(out.read_text())

@@ -12,6 +12,7 @@ from PIL import Image
 
 from handlers import preprocess
 from handlers.preprocess import PreprocessError
+from handlers.request import payload, request_fields
 from tests.bad_inputs import cases
 from tests.helpers import png_bytes
 
@@ -36,12 +37,16 @@ def test_catalogue_meets_every_refusal_status(catalogue: dict) -> None:
 @pytest.mark.parametrize("name", [c.name for c in cases(png_bytes(np.full((64, 64), 128, np.uint8)))])
 def test_each_case_gets_its_status(catalogue: dict, name: str) -> None:
     case = catalogue[name]
+
+    def run() -> np.ndarray:  # the handler's path: a form parsed into fields, the image picked, preprocessed
+        return preprocess.preprocess(payload(request_fields({"body": case.body}, case.content_type)), 64, 0.5, 0.25)
+
     if case.status == 200:
-        x = preprocess.preprocess(case.body, 64, 0.5, 0.25)
+        x = run()
         assert x.shape == (1, 64, 64) and x.dtype == np.float32 and np.isfinite(x).all()
         return
     with pytest.raises(PreprocessError) as info:
-        preprocess.preprocess(case.body, 64, 0.5, 0.25)
+        run()
     assert (info.value.status, info.value.type) == (case.status, case.type), info.value.message
     assert info.value.message
 
@@ -103,3 +108,20 @@ def test_damaged_real_encodings_never_escape(kind: str, offset: int, patch: byte
         assert 400 <= err.status < 500
     else:
         assert x.shape == (1, 32, 32) and np.isfinite(x).all()
+
+
+@pytest.mark.parametrize("orientation,transpose", [(3, Image.Transpose.ROTATE_180), (6, Image.Transpose.ROTATE_90),
+                                                   (8, Image.Transpose.ROTATE_270)])
+def test_exif_orientation_is_applied(sample_jpeg: bytes, orientation: int, transpose: Image.Transpose) -> None:
+    """A radiograph stored rotated with an EXIF Orientation tag decodes upright: the same input as
+    the upright image (issue 12: orientation 6 was read sideways and flipped labels)."""
+    upright = Image.open(io.BytesIO(sample_jpeg)).convert("L").resize((160, 128))
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    stored = upright.transpose(transpose)  # what the camera wrote; the tag says how to turn it back
+    buf = io.BytesIO()
+    stored.save(buf, "PNG", exif=exif)
+    ref = io.BytesIO()
+    upright.save(ref, "PNG")
+    np.testing.assert_array_equal(preprocess.decode(buf.getvalue()), preprocess.decode(ref.getvalue()))
+    assert preprocess.decode(buf.getvalue()).shape == (128, 160)

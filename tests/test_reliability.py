@@ -77,5 +77,6 @@ def test_text_and_json_bodies_are_refused(server: ServeSettings, content_type: s
 def test_a_body_over_max_request_size_gets_413(server: ServeSettings, sample_jpeg: bytes) -> None:
     body = b"\0" * (server.max_request_size + 1024)
     r = post(server, body, "application/octet-stream")
-    assert r.status_code == 413  # refused by TorchServe's frontend before the handler, without a body
+    assert r.status_code == 413  # refused by the gateway from the Content-Length, before any byte is read
+    assert ErrorBody.model_validate(r.json()).type == "body_too_large"
     assert post(server, sample_jpeg, "image/jpeg").status_code == 200

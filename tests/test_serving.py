@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import io
 import json
+import os
+import stat
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -11,15 +13,17 @@ from pathlib import Path
 
 import httpx
 import numpy as np
+import psutil
 import pytest
 from PIL import Image
 
+from handlers import torchserve
 from handlers.constants import MODEL_NAME, REPO_ROOT
 from handlers.schemas import ErrorBody, Prediction
 from serving import launcher
 from serving.load import metric_sum
-from serving.settings import ServeSettings
-from tests.helpers import keys, serve_settings
+from serving.settings import ServeSettings, read_keys
+from tests.helpers import free_ports, keys, serve_settings, workers
 
 pytestmark = [pytest.mark.server, pytest.mark.slow]
 
@@ -81,29 +85,49 @@ def test_concurrent_requests_are_batched_and_bad_ones_answered_alone(server: Ser
 
 
 def test_token_is_required(server: ServeSettings, sample_jpeg: bytes) -> None:
-    for token in (None, "wrong-token", keys(server)["management"]):
+    ts_keys = read_keys(server.ts_key_file)  # TorchServe's own keys are no client token either
+    for token in (None, "wrong-token", ts_keys["inference"], ts_keys["management"]):
         r = predict(server, sample_jpeg, token=token)
-        # TorchServe 0.12 answers a missing or wrong token with 400 InvalidKeyException.
-        assert r.status_code in (400, 401), r.text
-        assert "InvalidKeyException" in r.text
-    r = httpx.get(f"{server.management_url}/models", timeout=10)
-    assert r.status_code in (400, 401) and "InvalidKeyException" in r.text
+        assert r.status_code == 401, r.text
+        assert ErrorBody.model_validate(r.json()).type == "unauthorized"
+        assert r.headers["www-authenticate"] == "Bearer"
+    r = httpx.get(f"{server.inference_url}/ping", timeout=10)  # liveness needs no token
+    assert r.status_code == 200 and r.json()["status"] == "Healthy"
+    assert httpx.get(f"{server.metrics_url}/metrics", timeout=10).status_code == 200
 
 
-def test_model_api_is_off(server: ServeSettings) -> None:
-    headers = {"Authorization": f"Bearer {keys(server)['management']}"}
-    r = httpx.post(f"{server.management_url}/models", params={"url": "xray.mar"}, headers=headers, timeout=10)
-    assert r.status_code == 405, r.text
-    r = httpx.get(f"{server.management_url}/models/{MODEL_NAME}", headers=headers, timeout=10)
-    assert r.status_code == 200 and r.json()[0]["batchSize"] == 8
+def test_management_api_is_unreachable_from_any_port(server: ServeSettings) -> None:
+    """Issue 12.3: PUT /models/xray?min_worker=0 with the management token stopped inference. No TCP
+    port serves the management API now: the gateway answers 404, TorchServe listens on TCP only for
+    gRPC (guarded by its own keys, which no client gets), and its sockets lie in a private dir."""
+    token = keys(server)["inference"]
+    for url in (server.inference_url, server.metrics_url):
+        r = httpx.put(f"{url}/models/xray", params={"min_worker": 0}, timeout=10,
+                      headers={"Authorization": f"Bearer {token}"})
+        assert r.status_code == 404, r.text
+    java = [p for p in psutil.process_iter(["cmdline"]) if str(server.state_dir) in " ".join(p.info["cmdline"] or [])
+            and "org.pytorch.serve.ModelServer" in " ".join(p.info["cmdline"] or [])]
+    assert len(java) == 1
+    tcp = {c.laddr.port for c in java[0].net_connections("inet") if c.status == psutil.CONN_LISTEN}
+    assert tcp == {server.grpc_inference_port, server.grpc_management_port}
+    assert stat.S_IMODE(server.run_dir.stat().st_mode) == 0o700
+    assert stat.S_IMODE(server.state_dir.stat().st_mode) == 0o700
+    assert len(workers(server)) == 2  # the launcher reaches it, through the socket, with TorchServe's key
+    mtoken = launcher.management_token(server)
+    status, _ = torchserve.management_request(server.socket("management"), mtoken, "POST", "/models?url=xray.mar")
+    assert status == 405  # and the model API stays off even there
+    status, body = torchserve.management_request(server.socket("management"), mtoken, "GET", f"/models/{MODEL_NAME}")
+    assert status == 200 and json.loads(body)[0]["batchSize"] == 8
 
 
-def test_every_address_is_loopback(server: ServeSettings) -> None:
-    props = dict(line.split("=", 1) for line in (server.state_dir / "config.properties").read_text().splitlines())
+def test_every_address_is_loopback_or_a_private_socket(server: ServeSettings) -> None:
+    props = dict(line.split("=", 1) for line in (server.run_dir / "config.properties").read_text().splitlines())
     for key in ("inference_address", "management_address", "metrics_address"):
-        assert props[key].startswith("http://127.0.0.1:")
+        assert props[key].startswith(f"unix:{server.run_dir}/")
     assert props["grpc_inference_address"] == props["grpc_management_address"] == "127.0.0.1"
     assert props["enable_model_api"] == "false" and props["disable_token_authorization"] == "false"
+    conf = (server.run_dir / "nginx.conf").read_text()
+    assert f"listen 127.0.0.1:{server.inference_port} " in conf and f"listen 127.0.0.1:{server.metrics_port};" in conf
 
 
 def test_committed_config_is_the_rendered_default() -> None:
@@ -146,16 +170,23 @@ def test_a_second_instance_starts_beside_and_stops_cleanly(tmp_path: Path, model
 
 
 def test_container_healthcheck_says_healthy_only_when_the_model_answers(server: ServeSettings, tmp_path: Path) -> None:
-    def healthcheck(*args: str) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, str(REPO_ROOT / "docker" / "healthcheck.py"), *args],
-                              capture_output=True, text=True, timeout=60)
+    """docker/healthcheck.py is the launcher's readiness: the radiograph packed into the .mar must
+    get a 200 with a label through the gateway."""
+    env = {k: v for k, v in os.environ.items() if k != "XRAY_TOKEN_FILE"}
 
-    urls = ["--inference-url", server.inference_url, "--management-url", server.management_url]
-    ok = healthcheck(*urls, "--key-file", str(server.key_file))
-    assert ok.returncode == 0 and ok.stdout.startswith("healthy:"), ok.stdout + ok.stderr
+    def healthcheck(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, str(REPO_ROOT / "docker" / "healthcheck.py"), "--model-store",
+                               str(server.model_store), *args], capture_output=True, text=True, timeout=60, env=env)
+
+    url = ["--inference-url", server.inference_url]
+    ok = healthcheck(*url, "--key-file", str(server.key_file))
+    assert ok.returncode == 0 and ok.stdout.startswith("healthy:") and "probe=" in ok.stdout, ok.stdout + ok.stderr
     wrong = tmp_path / "key_file.json"
-    wrong.write_text(json.dumps({k: {"key": "wrong"} for k in ("inference", "management", "API")}))
-    refused = healthcheck(*urls, "--key-file", str(wrong))
-    assert refused.returncode == 1 and "no READY worker" in refused.stdout, refused.stdout
-    missing = healthcheck(*urls, "--key-file", str(tmp_path / "absent.json"))
-    assert missing.returncode == 1 and "no key file" in missing.stdout
+    wrong.write_text(json.dumps({"inference": {"key": "wrong"}}))
+    refused = healthcheck(*url, "--key-file", str(wrong))
+    assert refused.returncode == 1 and "401" in refused.stdout, refused.stdout
+    missing = healthcheck(*url, "--key-file", str(tmp_path / "absent.json"))
+    assert missing.returncode == 1 and "no token" in missing.stdout, missing.stdout
+    (port,) = free_ports(1)
+    down = healthcheck("--inference-url", f"http://127.0.0.1:{port}", "--key-file", str(server.key_file))
+    assert down.returncode == 1 and down.stdout.startswith("unhealthy:"), down.stdout

@@ -20,7 +20,7 @@ from handlers import preprocess
 from handlers.constants import CACHE_DIR
 from training.sources import detect_format, iter_split, list_image_folder, stratified_subset
 
-CACHE_VERSION = "1"  # bump when handlers.preprocess changes what it produces
+CACHE_VERSION = "2"  # bump when handlers.preprocess changes what it produces
 
 
 @dataclass
