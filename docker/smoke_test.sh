@@ -152,11 +152,7 @@ log "built $IMAGE ($(docker image inspect -f '{{.Size}}' "$IMAGE" | awk '{printf
 # --- run --------------------------------------------------------------------------------------
 CONTAINER=xray-serve-test-$$
 read -r p0 p1 p2 < <("$PYTHON" -c "from tests.helpers import free_ports; print(*free_ports(3))")
-# As Kubernetes runs it (deploy/base/deployment.yaml): read-only root filesystem, writable
-# scratch only where the server writes (the Deployment's emptyDirs).
 docker run -d --name "$CONTAINER" --health-interval 5s --health-start-period 240s \
-    --read-only --tmpfs /tmp:exec,mode=1777 --tmpfs "$c_state:uid=10001,gid=10001,mode=0750" \
-    --tmpfs /var/log/xray:uid=10001,gid=10001,mode=0750 \
     -p "127.0.0.1:$p0:$c_inf" -p "127.0.0.1:$p2:$c_met" \
     -v "$STORE:$c_store:ro" "$IMAGE" >/dev/null
 user=$(docker inspect -f '{{.Config.User}}' "$CONTAINER")
