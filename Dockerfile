@@ -36,17 +36,18 @@ RUN apt-get update \
     && rm -rf /var/lib/apt/lists/* /etc/nginx/sites-enabled/* \
     && python3.11 --version && java -version && nginx -v
 
-# The pinned environment. The CA bundle (for a TLS-intercepting proxy) is a build secret, never
-# a layer; the torch wheel is bind-mounted from the build context and installed first, offline,
-# so requirements.lock's torch==2.13.0 is already satisfied by 2.13.0+cpu.
+# The serving environment only: requirements-serve.lock (no test, lint, training or export
+# packages; same pins as requirements.lock). The CA bundle (for a TLS-intercepting proxy) is a
+# build secret, never a layer; the torch wheel is bind-mounted from the build context and
+# installed first, offline, so the lock's torch==2.13.0 is already satisfied by 2.13.0+cpu.
 WORKDIR /app
-COPY requirements.lock pyproject.toml ./
+COPY requirements-serve.lock ./
 RUN --mount=type=secret,id=ca_bundle,target=/run/secrets/ca_bundle.crt \
     --mount=type=bind,source=.whl,target=/wheels \
     if [ -s /run/secrets/ca_bundle.crt ]; then export PIP_CERT=/run/secrets/ca_bundle.crt; fi \
     && python3.11 -m venv /opt/venv \
     && /opt/venv/bin/pip install --no-index --no-deps /wheels/torch-2.13.0*.whl \
-    && /opt/venv/bin/pip install --find-links /wheels -r requirements.lock "PyYAML==6.0.3" \
+    && /opt/venv/bin/pip install --find-links /wheels -r requirements-serve.lock \
     && /opt/venv/bin/python -c "import torch, ts, onnxruntime, yaml; assert torch.version.cuda is None, torch.__version__; print('torch', torch.__version__, 'ort', onnxruntime.__version__, onnxruntime.get_available_providers())"
 
 # The XRAY_* paths and the exposed ports are handlers/constants.py's CONTAINER_* and *_PORT (a test keeps them equal).
@@ -58,10 +59,11 @@ ENV PATH=/opt/venv/bin:$PATH \
     XRAY_LOG_DIR=/var/log/xray \
     XRAY_MODEL_STORE=/app/model_store
 
+# Only what serving runs (tests/test_runtime_image.py): the handler package and the modules the
+# entrypoint imports; no training, export, client or benchmark code.
 COPY handlers/ handlers/
-COPY training/ training/
-COPY export/ export/
-COPY serving/ serving/
+COPY serving/__init__.py serving/settings.py serving/launcher.py serving/supervisor.py serving/gateway.py \
+     serving/readiness.py serving/
 COPY docker/entrypoint.sh docker/healthcheck.py docker/
 # Empty of .mar unless `make archive` ran before the build (.dockerignore keeps only *.mar + README).
 COPY model_store/ model_store/

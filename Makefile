@@ -15,7 +15,7 @@ BACKEND ?= onnxruntime
 
 .PHONY: setup java nginx chaos test test-fast lint train experiments export archive serve stop evaluate \
 	evaluate-offline predict-offline ood bench soak clean help \
-	docker-build docker-run docker-test
+	docker-build docker-run docker-test deploy-check deploy-render
 
 help:
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
@@ -46,8 +46,10 @@ test-fast: setup ## lint, then every test that neither trains nor serves (< 1 mi
 lint: ## ruff
 	$(VENV)/bin/ruff check .
 
-train: setup ## train the default set; best BCE-MLP, CE-MLP and XrayNet -> artifacts/best/
-	$(PY) -m training.experiments --study default
+# NPROC=N: every run data-parallel over N processes (torchrun; gloo on CPU, NCCL on CUDA).
+TORCHRUN = $(VENV)/bin/torchrun --standalone --nproc_per_node $(NPROC)
+train: setup ## train the default set; best BCE-MLP, CE-MLP and XrayNet -> artifacts/best/ (NPROC=N: data-parallel)
+	$(if $(NPROC),$(TORCHRUN),$(PY)) -m training.experiments --study default
 
 experiments: setup ## every course study, course settings, 3 seeds -> reports/experiments.md (QUICK=1: CI-sized)
 	$(PY) -m training.experiments --study all --reuse $(if $(QUICK),--quick,)
@@ -111,3 +113,10 @@ docker-test: setup ## (root) build on a local Debian base, run, predict real ima
 
 clean: ## remove build outputs (keeps .venv and the data cache)
 	rm -rf $(call CONST,RUNS_DIR BEST_DIR EXPORT_DIR REPORTS_DIR LOG_DIR STATE_DIR) $(call CONST,MODEL_STORE)/*.mar
+
+# --- Kubernetes / KServe (deploy/) ---
+deploy-check: setup ## render deploy/ (cpu, gpu, kserve) and validate every object offline (Kubernetes + KServe schemas)
+	$(PY) -m deploy.validate
+
+deploy-render: setup ## print the manifests of OVERLAY (cpu, gpu) or deploy/kserve (OVERLAY=kserve)
+	$(PY) -m deploy.kustomize $(if $(filter kserve,$(OVERLAY)),deploy/kserve,deploy/overlays/$(or $(OVERLAY),cpu))

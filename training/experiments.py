@@ -37,6 +37,7 @@ import numpy as np
 import torch
 
 from handlers import constants as C
+from training import distributed
 from training.models import build_model
 from training.plots import plot_study_curves
 from training.sources import default_data_dir
@@ -194,7 +195,8 @@ def shared_data(cfg: TrainConfig) -> dict[str, Any]:
     if key not in _DATA:
         while len(_DATA) >= 2:
             _DATA.pop(next(iter(_DATA)))
-        _DATA[key] = load_data(cfg)
+        with distributed.main_first(distributed.init()):  # one rank fills the decode cache
+            _DATA[key] = load_data(cfg)
     return _DATA[key]
 
 
@@ -269,9 +271,10 @@ def run_study(study: str, args: argparse.Namespace) -> list[dict[str, Any]]:
         if study != "default":  # make train stays as it was: no extra pass
             result |= cpu_timings(result["checkpoint"], cfg, data)
         v, t = result["val"], result["test"]
-        print(f"[{study}] {name}: {result['train_seconds']:.1f}s, {result['epochs_run']} ep, final test acc "
-              f"{result['final_test_accuracy']:.4f}, val auc {v['roc_auc']:.4f}, test bal {t['balanced_accuracy']:.4f}"
-              f" auc {t['roc_auc']:.4f}", flush=True)
+        if distributed.init().is_main:
+            print(f"[{study}] {name}: {result['train_seconds']:.1f}s, {result['epochs_run']} ep, final test acc "
+                  f"{result['final_test_accuracy']:.4f}, val auc {v['roc_auc']:.4f}, test bal "
+                  f"{t['balanced_accuracy']:.4f} auc {t['roc_auc']:.4f}", flush=True)
         results.append(result)
     return results
 
@@ -491,11 +494,13 @@ def main(argv: list[str] | None = None) -> None:
     studies = [s for name in args.study for s in (COURSE_STUDIES if name == "all" else [name])]
     if unknown := [s for s in studies if s not in STUDIES]:
         p.error(f"unknown study {unknown}; choose from default, all, {COURSE_STUDIES}")
+    # Under torchrun (make train NPROC=N) every rank runs every study; rank 0 alone writes.
+    d = distributed.init()
     t0 = time.perf_counter()
     for study in studies:
         ts = time.perf_counter()
         results = run_study(study, args)
-        if not results:
+        if not results or not d.is_main:
             continue
         if study == "default":
             write_best(results, args)
@@ -505,7 +510,9 @@ def main(argv: list[str] | None = None) -> None:
         entry = {"quick": args.quick, "seconds": round(time.perf_counter() - ts, 1), "results": results,
                  "command": command, "created": datetime.now(UTC).isoformat(timespec="seconds")}
         print(f"report -> {write_report({study: entry}, Path(args.reports_dir))}", flush=True)
-    print(f"total {time.perf_counter() - t0:.0f}s")
+    distributed.shutdown(d)
+    if d.is_main:
+        print(f"total {time.perf_counter() - t0:.0f}s")
 
 
 if __name__ == "__main__":

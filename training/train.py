@@ -2,6 +2,7 @@
 train_one_epoch, evaluate, then finish (threshold, card, checkpoint, history, curves).
 
     python -m training.train --arch xraynet --head bce --input-size 128 --epochs 12
+    torchrun --nproc_per_node N -m training.train ...   # data-parallel (training/distributed.py)
     python -m training.train --config run.json          # any TrainConfig field; flags override
 
 Writes to OUT_DIR/NAME/: best.pt (loads with torch.load(weights_only=True); carries the
@@ -27,7 +28,7 @@ from handlers.constants import RUNS_DIR
 from handlers.schemas import CLASS_NAMES, Calibration, ModelCard
 from handlers.trust import calibrated, margin_of
 from training import data as datalib
-from training import trust
+from training import distributed, trust
 from training.checkpoint import save_checkpoint
 from training.metrics import binary_metrics
 from training.models import arch_args, build_model, count_parameters
@@ -99,21 +100,29 @@ def loss_target(cfg: TrainConfig, y: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def predict(model: torch.nn.Module, x: torch.Tensor, head: str, batch: int = 256) -> tuple[np.ndarray, torch.Tensor]:
-    """P(pneumonia) for every image (through the serving probability function) and the logits."""
-    model.eval()
-    logits = torch.cat([model(x[i : i + batch]) for i in range(0, len(x), batch)])
+def predict(model: torch.nn.Module, x: torch.Tensor, head: str, batch: int = 256,
+            d: distributed.Dist | None = None) -> tuple[np.ndarray, torch.Tensor]:
+    """P(pneumonia) for every image (through the serving probability function) and the logits.
+    Under torchrun each rank predicts its shard and every rank gets all the logits, in order."""
+    d = d or distributed.Dist()
+    model = distributed.unwrap(model).eval()
+    part = x[distributed.shard(len(x), d)]
+    # max(.., 1): a rank with an empty shard still runs once, so that it knows the logits' shape
+    logits = torch.cat([model(part[i : i + batch].to(d.device)) for i in range(0, max(len(part), 1), batch)])
+    logits = distributed.gather(logits, len(x), d).cpu()
     return pneumonia_probability(logits.numpy(), head), logits
 
 
 def evaluate(model: torch.nn.Module, split: datalib.Split, cfg: TrainConfig, criterion: torch.nn.Module,
-             threshold: float = 0.5, calibration: Calibration | None = None) -> dict[str, float]:
+             threshold: float = 0.5, calibration: Calibration | None = None,
+             d: distributed.Dist | None = None) -> dict[str, float]:
     """Metrics at THRESHOLD on the probability the server gives: calibrated when CALIBRATION is given."""
-    prob, logits = predict(model, split.x, cfg.head)
+    device = (d or distributed.Dist()).device
+    prob, logits = predict(model, split.x, cfg.head, d=d)
     if calibration is not None:
-        prob = calibrated(margin_of(logits.numpy(), cfg.head), calibration)
+        prob = calibrated(margin_of(logits.cpu().numpy(), cfg.head), calibration)
     out = binary_metrics(split.y.numpy(), prob, threshold)
-    out["loss"] = float(criterion(logits, loss_target(cfg, split.y)))
+    out["loss"] = float(criterion(logits.to(device), loss_target(cfg, split.y).to(device)))
     return out
 
 
@@ -137,19 +146,26 @@ def make_scheduler(cfg: TrainConfig, opt: torch.optim.Optimizer) -> torch.optim.
 
 
 def train_one_epoch(model: torch.nn.Module, criterion: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                    split: datalib.Split, cfg: TrainConfig, generator: torch.Generator) -> dict[str, float]:
-    """One pass over the shuffled train split; the running loss and accuracy (dropout, augmentation on)."""
+                    split: datalib.Split, cfg: TrainConfig, generator: torch.Generator, epoch: int = 1,
+                    d: distributed.Dist | None = None) -> dict[str, float]:
+    """One pass over the shuffled train split; the running loss and accuracy (dropout, augmentation on).
+    Under torchrun: this rank's share of the split (DistributedSampler), batch_size / N images a
+    step, loss and accuracy summed over all ranks."""
+    d = d or distributed.Dist()
     model.train()
-    order = torch.randperm(len(split), generator=generator)
+    order = (distributed.train_order(len(split), epoch, cfg.seed, d) if d.enabled
+             else torch.randperm(len(split), generator=generator))
+    batch_size = distributed.per_rank_batch(cfg.batch_size, d)
     has_batchnorm = any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules())
     total_loss, correct = 0.0, 0
-    for i in range(0, len(order), cfg.batch_size):
-        idx = order[i : i + cfg.batch_size]
+    for i in range(0, len(order), batch_size):
+        idx = order[i : i + batch_size]
         if len(idx) < 2 and has_batchnorm:
-            continue  # BatchNorm cannot train on a batch of one
+            continue  # BatchNorm cannot train on a batch of one (every rank alike: equal shares)
         x, y = split.x[idx], split.y[idx]
         if cfg.augment:
             x = datalib.augment(x, generator)
+        x, y = x.to(d.device), y.to(d.device)
         logits = model(x)
         loss = criterion(logits, loss_target(cfg, y))
         optimizer.zero_grad(set_to_none=True)
@@ -158,7 +174,9 @@ def train_one_epoch(model: torch.nn.Module, criterion: torch.nn.Module, optimize
         total_loss += float(loss.detach()) * len(idx)
         pred = (logits[:, 0] > 0) if cfg.head == "bce" else logits.argmax(1).bool()
         correct += int((pred.long() == y).sum())
-    return {"train_loss": total_loss / len(order), "train_accuracy": correct / len(order)}
+    total_loss, correct, seen = distributed.sum_all([total_loss, correct, len(order)], d)
+    distributed.sync_buffers(model, d)  # rank 0's BatchNorm statistics everywhere before evaluating
+    return {"train_loss": total_loss / seen, "train_accuracy": correct / seen}
 
 
 def make_card(cfg: TrainConfig, args: dict[str, Any], stats: tuple[float, float], fitted: trust.TrustFit,
@@ -178,69 +196,83 @@ def write_run(run_dir: Path, cfg: TrainConfig, history: list[dict[str, Any]], re
 
 
 def finish(model: torch.nn.Module, best: dict[str, Any], history: list[dict[str, Any]], data: dict[str, Any],
-           cfg: TrainConfig, criterion: torch.nn.Module, train_seconds: float) -> dict[str, Any]:
+           cfg: TrainConfig, criterion: torch.nn.Module, train_seconds: float,
+           d: distributed.Dist | None = None) -> dict[str, Any]:
     """After the last epoch: the final weights' accuracy, then for the best weights the OOD detector,
     calibration and operating points (training/trust.py), card, checkpoint, history and curves.
-    Returns the run's summary (metrics.json), history included."""
-    final = {s: evaluate(model, data[s], cfg, criterion)["accuracy"] for s in ("val", "test")}
+    Returns the run's summary (metrics.json), history included. Under torchrun every rank computes
+    the same summary (the same full splits); rank 0 alone writes."""
+    d = d or distributed.Dist()
+    final = {s: evaluate(model, data[s], cfg, criterion, d=d)["accuracy"] for s in ("val", "test")}
+    model = distributed.unwrap(model)
     model.load_state_dict(best["state"])
     # The card's threshold is the default point's, on the calibrated probability the server gives.
     fitted = trust.fit(model, data, cfg.head, tune=cfg.tune_threshold)
     threshold = fitted.threshold
-    val_metrics = evaluate(model, data["val"], cfg, criterion, threshold, fitted.calibration)
-    test_metrics = evaluate(model, data["test"], cfg, criterion, threshold, fitted.calibration)
+    val_metrics = evaluate(model, data["val"], cfg, criterion, threshold, fitted.calibration, d)
+    test_metrics = evaluate(model, data["test"], cfg, criterion, threshold, fitted.calibration, d)
     args = arch_args(cfg.arch, cfg.arch_args)
     card = make_card(cfg, args, data["stats"], fitted, val_metrics, test_metrics)
     run_dir = Path(cfg.out_dir) / cfg.name
-    run_dir.mkdir(parents=True, exist_ok=True)
-    ckpt = save_checkpoint(run_dir / "best.pt", card, cfg.model_dump(mode="json"), best["state"], history,
-                           ood=fitted.ood_state)
+    ckpt = run_dir / "best.pt"
+    if d.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_checkpoint(ckpt, card, cfg.model_dump(mode="json"), best["state"], history, ood=fitted.ood_state)
     result = {"name": cfg.name, "config": cfg.model_dump(mode="json"), "params": count_parameters(model),
               "train_seconds": round(train_seconds, 2), "epochs_run": len(history), "best_epoch": best["epoch"],
               "threshold": threshold, "val": val_metrics, "test": test_metrics,
               "final_val_accuracy": final["val"], "final_test_accuracy": final["test"],
               "best_val_accuracy_at_0.5": next(h["val_accuracy"] for h in history if h["epoch"] == best["epoch"]),
-              "trust": trust.summary(fitted, model, data, cfg.head), "checkpoint": str(ckpt)}
-    write_run(run_dir, cfg, history, result)
+              "trust": trust.summary(fitted, model, data, cfg.head), "checkpoint": str(ckpt),
+              "world_size": d.world_size}
+    if d.is_main:
+        write_run(run_dir, cfg, history, result)
+    distributed.barrier(d)  # what rank 0 wrote exists for every rank once this returns
     return result | {"history": history}
 
 
 def train(cfg: TrainConfig, data: dict[str, Any] | None = None) -> dict[str, Any]:
     """Run one configuration: seed, fit with early stopping on the validation score, finish.
-    Returns the summary written to OUT_DIR/NAME/metrics.json, plus the per-epoch "history"."""
+    Returns the summary written to OUT_DIR/NAME/metrics.json, plus the per-epoch "history".
+    Under torchrun (training/distributed.py) every rank runs this, in DistributedDataParallel."""
+    d = distributed.init()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    seed_everything(cfg.seed)
-    data = data or load_data(cfg)
+    seed_everything(cfg.seed)  # the same initial weights on every rank
+    if data is None:
+        with distributed.main_first(d):  # rank 0 fills the decode cache, the others read it
+            data = load_data(cfg)
     model = build_model(cfg.arch, cfg.head, cfg.input_size, arch_args(cfg.arch, cfg.arch_args))
-    criterion = make_criterion(cfg, data["train"].y)
+    model = distributed.wrap(model, d)
+    criterion = make_criterion(cfg, data["train"].y).to(d.device)
     optimizer = make_optimizer(cfg, model)
     scheduler = make_scheduler(cfg, optimizer)
-    generator = torch.Generator().manual_seed(cfg.seed)
+    generator = distributed.augment_generator(cfg.seed, d)
 
     history: list[dict[str, Any]] = []
     best: dict[str, Any] = {"score": -float("inf"), "state": None, "epoch": 0}
     t0 = time.perf_counter()
     bar = tqdm(range(1, cfg.epochs + 1), desc=cfg.name, disable=False if cfg.progress else None,
-               unit="epoch", leave=False)
+               unit="epoch", leave=False) if d.is_main else range(1, cfg.epochs + 1)
     for epoch in bar:
         row: dict[str, Any] = {"epoch": epoch, "lr": optimizer.param_groups[0]["lr"]}
-        row |= train_one_epoch(model, criterion, optimizer, data["train"], cfg, generator)
+        row |= train_one_epoch(model, criterion, optimizer, data["train"], cfg, generator, epoch, d)
         if scheduler:
             scheduler.step()
-        val = evaluate(model, data["val"], cfg, criterion)
+        val = evaluate(model, data["val"], cfg, criterion, d=d)
         row |= {"val_loss": val["loss"], "val_accuracy": val["accuracy"],
                 "val_balanced_accuracy": val["balanced_accuracy"], "val_roc_auc": val["roc_auc"],
                 "seconds": time.perf_counter() - t0, "best": score(val, cfg.select) > best["score"]}
         if row["best"]:
             best = {"score": score(val, cfg.select), "epoch": epoch,
-                    "state": {k: v.detach().clone() for k, v in model.state_dict().items()}}
+                    "state": {k: v.detach().cpu().clone() for k, v in distributed.unwrap(model).state_dict().items()}}
         history.append(row)
-        bar.set_postfix(loss=f"{row['train_loss']:.3f}", val_acc=f"{val['accuracy']:.3f}",
-                        val_auc=f"{val['roc_auc']:.3f}")
+        if d.is_main:
+            bar.set_postfix(loss=f"{row['train_loss']:.3f}", val_acc=f"{val['accuracy']:.3f}",
+                            val_auc=f"{val['roc_auc']:.3f}")
         if cfg.patience and epoch - best["epoch"] >= cfg.patience:
             break
-    return finish(model, best, history, data, cfg, criterion, time.perf_counter() - t0)
+    return finish(model, best, history, data, cfg, criterion, time.perf_counter() - t0, d)
 
 
 def _floats(m: dict[str, Any]) -> dict[str, float]:
@@ -274,7 +306,11 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
 
 def main(argv: list[str] | None = None) -> None:
     cfg = parse_args(argv)
+    d = distributed.init()
     result = train(cfg)
+    distributed.shutdown(d)
+    if not d.is_main:
+        return
     v, t = result["val"], result["test"]
     print(f"{cfg.name}: {result['epochs_run']} epochs in {result['train_seconds']:.0f}s, best epoch "
           f"{result['best_epoch']}, threshold {result['threshold']:.3f}\n"
