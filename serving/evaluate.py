@@ -26,15 +26,7 @@ from pathlib import Path
 from handlers import constants as C
 from serving import trust_report
 from serving.client import Result, XrayClient, XrayHTTPError, XrayUnavailable
-from serving.evaluation import (
-    DEFAULT_OUT,
-    EvaluateError,
-    build_report,
-    check,
-    compare,
-    table,
-    write_outputs,
-)
+from serving.evaluation import DEFAULT_OUT, EvaluateError, build_report, conclude
 from serving.load import Item, list_items, stratified
 from training.sources import default_data_dir
 
@@ -81,15 +73,7 @@ def evaluate(args: argparse.Namespace) -> int:
     report = build_report(items, results, wall_s, {"mode": "live", "url": args.url, "data_dir": args.data_dir,
                                                    "split": args.split, "concurrency": args.concurrency},
                           points)
-    if args.expect:
-        served = {p["file"]: p["probability"] for p in report["predictions"]}
-        report["expect"] = compare(args.expect, served, report["threshold"], args.tolerance,
-                                   set(report["trust"]["ood_refused_radiographs"]))
-    write_outputs(report, args.out_dir)
-    width = max(len(k) for k, _ in table(report))
-    print("\n".join(f"{k:<{width}}  {v}" for k, v in table(report)))
-    print(f"wrote {args.out_dir}/evaluate.json, evaluate.md, roc.png, reliability.png, confusion.png")
-    return check(report, args.min_accuracy, args.max_false_refusal)
+    return conclude(report, args.out_dir, args.expect, args.tolerance, args.min_accuracy, args.max_false_refusal)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

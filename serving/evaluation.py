@@ -186,3 +186,18 @@ def check(report: dict, min_accuracy: float | None, max_false_refusal: float | N
     for failure in failures:
         print(f"error: {failure}", file=sys.stderr)
     return 1 if failures else 0
+
+
+def conclude(report: dict, out_dir: Path, expect: Path | None, tolerance: float, min_accuracy: float | None,
+             max_false_refusal: float | None = None) -> int:
+    """The end of a run, live or offline: compare with --expect, write the report, print its table,
+    and return the exit status of the checks."""
+    if expect:
+        answered = {p["file"]: p["probability"] for p in report["predictions"]}
+        report["expect"] = compare(expect, answered, report["threshold"], tolerance,
+                                   set(report["trust"]["ood_refused_radiographs"]))
+    write_outputs(report, out_dir)
+    width = max(len(k) for k, _ in table(report))
+    print("\n".join(f"{k:<{width}}  {v}" for k, v in table(report)))
+    print(f"wrote {out_dir}/evaluate.json, evaluate.md, roc.png, reliability.png, confusion.png")
+    return check(report, min_accuracy, max_false_refusal)

@@ -28,14 +28,7 @@ import time
 from pathlib import Path
 
 from handlers import constants as C
-from serving.evaluation import (
-    EvaluateError,
-    build_report,
-    check,
-    compare,
-    table,
-    write_outputs,
-)
+from serving.evaluation import EvaluateError, build_report, conclude
 from serving.inprocess import InProcessWorker, ModelSourceError, WorkerAnswer, check_model
 from serving.load import list_items, stratified
 from training.sources import default_data_dir
@@ -91,15 +84,7 @@ def evaluate_main(ns: argparse.Namespace) -> int:
     report = build_report(items, results, wall_s, {"mode": "offline", "model_file": str(ns.model),
                                                    "data_dir": ns.data_dir, "split": ns.split,
                                                    "batch_size": batch_size}, points)
-    if ns.expect:
-        answered = {p["file"]: p["probability"] for p in report["predictions"]}
-        report["expect"] = compare(ns.expect, answered, report["threshold"], ns.tolerance,
-                                   set(report["trust"]["ood_refused_radiographs"]))
-    write_outputs(report, ns.out_dir)
-    width = max(len(k) for k, _ in table(report))
-    print("\n".join(f"{k:<{width}}  {v}" for k, v in table(report)))
-    print(f"wrote {ns.out_dir}/evaluate.json, evaluate.md, roc.png, reliability.png, confusion.png")
-    return check(report, ns.min_accuracy)
+    return conclude(report, ns.out_dir, ns.expect, ns.tolerance, ns.min_accuracy)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
