@@ -74,8 +74,11 @@ COPY model_store/ model_store/
 # (`docker run --read-only --tmpfs ...`) refuses, and TorchServe exits (serving/settings.py).
 RUN python -m serving.settings --extract-netty-native "$XRAY_JAVA_LIBRARY_PATH"
 
+# The state and log dirs are 1777, as /tmp, because a tmpfs mounted on them (`docker run --read-only
+# --tmpfs /var/lib/xray`) takes their mode but is owned by root; what the supervisor keeps in the
+# state dir is in subdirectories of mode 0700 (serving/supervisor.py).
 RUN useradd --uid 10001 --user-group --no-create-home --home-dir /var/lib/xray --shell /usr/sbin/nologin xray \
-    && install -d -o 10001 -g 10001 -m 0750 /var/lib/xray /var/log/xray \
+    && install -d -o 10001 -g 10001 -m 1777 /var/lib/xray /var/log/xray \
     && chmod 0755 docker/entrypoint.sh docker/healthcheck.py
 
 USER 10001:10001

@@ -154,7 +154,8 @@ log "built $IMAGE ($(docker image inspect -f '{{.Size}}' "$IMAGE" | awk '{printf
 CONTAINER=xray-serve-test-$$
 read -r p0 p1 p2 < <("$PYTHON" -c "from tests.helpers import free_ports; print(*free_ports(3))")
 # As deploy/ runs it: a read-only root, writable only where the manifests mount emptyDirs (here
-# tmpfs, which docker mounts noexec: nothing may be executed or dlopen()ed from them either).
+# tmpfs, which docker mounts noexec, owned by root: nothing may be executed or dlopen()ed from
+# them, and the supervisor cannot chmod their roots).
 docker run -d --name "$CONTAINER" --health-interval 5s --health-start-period 240s \
     --read-only --tmpfs /tmp:size=256m --tmpfs "$c_state:size=512m" --tmpfs "$c_logs:size=1g" \
     -p "127.0.0.1:$p0:$c_inf" -p "127.0.0.1:$p2:$c_met" \

@@ -205,15 +205,18 @@ def test_container_healthcheck_says_healthy_only_when_the_model_answers(server: 
 
 
 NOEXEC_START = """
-import json, subprocess, sys
+import json, stat, subprocess, sys
 from serving import launcher
 from serving.settings import ServeSettings
 s = ServeSettings.model_validate_json(sys.argv[1])
-# A private mount namespace: the noexec tmpfs (what `docker run --tmpfs` mounts) is gone with it.
+# A private mount namespace: the tmpfs is gone with it. noexec and owned by someone else, as
+# `docker run --tmpfs` and a Kubernetes emptyDir (root-owned, we are not root there) mount it.
 subprocess.run(["mount", "--make-rprivate", "/"], check=True)
-subprocess.run(["mount", "-t", "tmpfs", "-o", "noexec,nosuid,nodev", "tmpfs", str(s.state_dir)], check=True)
+subprocess.run(["mount", "-t", "tmpfs", "-o", "noexec,nosuid,nodev,uid=65534,mode=1777", "tmpfs", str(s.state_dir)],
+               check=True)
 try:
-    print(json.dumps({"label": launcher.start(s, timeout=240).label}))
+    label = launcher.start(s, timeout=240).label
+    print(json.dumps({"label": label, "run_mode": stat.S_IMODE(s.run_dir.stat().st_mode)}))
 finally:
     launcher.stop(s)
 """
@@ -231,4 +234,5 @@ def test_torchserve_starts_where_its_temp_dir_is_noexec(tmp_path: Path, model_st
     r = subprocess.run(["unshare", "-m", sys.executable, "-c", NOEXEC_START, s.model_dump_json()], cwd=REPO_ROOT,
                        capture_output=True, text=True, timeout=400)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
-    assert json.loads(r.stdout.strip().splitlines()[-1])["label"]
+    answer = json.loads(r.stdout.strip().splitlines()[-1])
+    assert answer["label"] and answer["run_mode"] == 0o700
