@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from handlers.trust import calibrated, margin_of
 from training import experiments
 from training.checkpoint import load_checkpoint
 from training.metrics import binary_metrics
@@ -69,9 +70,11 @@ def test_checkpoint_card_and_reload(tiny_run: dict, tiny_data: dict[str, Any]) -
 
     loaded_card, model, _ = load_checkpoint(tiny_run["checkpoint"])
     assert not model.training
-    # the rebuilt model reproduces the stored validation metrics at the stored threshold ...
+    # the rebuilt model reproduces the stored validation metrics at the stored threshold, on the
+    # calibrated probability the server gives ...
     val = tiny_data["val"]
-    prob, logits = predict(model, val.x, loaded_card.head)
+    _, logits = predict(model, val.x, loaded_card.head)
+    prob = calibrated(margin_of(logits.numpy(), loaded_card.head), loaded_card.calibration)
     again = binary_metrics(val.y.numpy(), prob, loaded_card.threshold)
     for k in ("accuracy", "balanced_accuracy", "roc_auc", "tp", "tn"):
         assert again[k] == pytest.approx(loaded_card.val_metrics[k]), k
