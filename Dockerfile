@@ -57,7 +57,8 @@ ENV PATH=/opt/venv/bin:$PATH \
     MPLCONFIGDIR=/tmp/matplotlib \
     XRAY_STATE_DIR=/var/lib/xray \
     XRAY_LOG_DIR=/var/log/xray \
-    XRAY_MODEL_STORE=/app/model_store
+    XRAY_MODEL_STORE=/app/model_store \
+    XRAY_JAVA_LIBRARY_PATH=/opt/netty-native
 
 # Only what serving runs (tests/test_runtime_image.py): the handler package and the modules the
 # entrypoint imports; no training, export, client or benchmark code.
@@ -68,8 +69,16 @@ COPY docker/entrypoint.sh docker/healthcheck.py docker/
 # Empty of .mar unless `make archive` ran before the build (.dockerignore keeps only *.mar + README).
 COPY model_store/ model_store/
 
+# netty's epoll transport (TorchServe's unix sockets) on the image's own, read-only root: netty
+# would otherwise copy it into java.io.tmpdir and load it from there, which a noexec tmpfs
+# (`docker run --read-only --tmpfs ...`) refuses, and TorchServe exits (serving/settings.py).
+RUN python -m serving.settings --extract-netty-native "$XRAY_JAVA_LIBRARY_PATH"
+
+# The state and log dirs are 1777, as /tmp, because a tmpfs mounted on them (`docker run --read-only
+# --tmpfs /var/lib/xray`) takes their mode but is owned by root; what the supervisor keeps in the
+# state dir is in subdirectories of mode 0700 (serving/supervisor.py).
 RUN useradd --uid 10001 --user-group --no-create-home --home-dir /var/lib/xray --shell /usr/sbin/nologin xray \
-    && install -d -o 10001 -g 10001 -m 0750 /var/lib/xray /var/log/xray \
+    && install -d -o 10001 -g 10001 -m 1777 /var/lib/xray /var/log/xray \
     && chmod 0755 docker/entrypoint.sh docker/healthcheck.py
 
 USER 10001:10001

@@ -6,6 +6,7 @@
 #
 # Paths (env, set by the Dockerfile; default: handlers/constants.py's CONTAINER_*): XRAY_MODEL_STORE
 # (baked in or mounted read-only), XRAY_STATE_DIR (sockets, keys, tmp dirs), XRAY_LOG_DIR,
+# XRAY_JAVA_LIBRARY_PATH (netty's epoll transport, extracted at build time),
 # XRAY_TOKEN_FILE (clients' tokens, one a line, re-read on change; when the file is missing a
 # token is generated into $XRAY_STATE_DIR/keys/<key file>). Extra arguments go to the launcher.
 set -euo pipefail
@@ -28,5 +29,8 @@ if [ ! -f "$XRAY_TOKEN_FILE" ]; then
 fi
 mkdir -p "$state" "$logs" "${MPLCONFIGDIR:-/tmp/matplotlib}"
 cd /app
+# XRAY_JAVA_LIBRARY_PATH: netty's native transport, extracted at build time (the writable dirs may be noexec).
+native=()
+[ -z "${XRAY_JAVA_LIBRARY_PATH:-}" ] || native=(--java-library-path "$XRAY_JAVA_LIBRARY_PATH")
 exec python -m serving.launcher supervise --host 0.0.0.0 --model-store "$store" --state-dir "$state" \
-    --log-dir "$logs" "$@"
+    --log-dir "$logs" "${native[@]}" "$@"

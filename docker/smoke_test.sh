@@ -5,7 +5,8 @@
 # minbase made with debootstrap and `docker import`ed (it has python3.11, openjdk-17, tini).
 # Everything else is the real Dockerfile: pinned pip install (PyPI through the host's CA bundle
 # as a build secret), the CPU torch wheel from $WHEELS, the non-root user, HEALTHCHECK and
-# ENTRYPOINT. Then: run it with the model store mounted read-only and ports published on
+# ENTRYPOINT. Then: run it with a read-only root (tmpfs at /tmp and the state and log dirs, as the
+# manifests' emptyDirs), the model store mounted read-only and ports published on
 # 127.0.0.1 only, wait for the HEALTHCHECK to say healthy (READY worker + real prediction), send
 # real test radiographs from $DATA_DIR with the token from the container's key file, validate
 # every answer as handlers.schemas.Prediction, stop the container gracefully and remove it.
@@ -33,8 +34,8 @@ DATA_DIR=${DATA_DIR:-$(cd "$REPO/.." && pwd)/shared/data/chest_xray}
 IMAGE=${IMAGE:-xray-serve:test}
 BASE_IMAGE_TAG=xray-base:bookworm
 const() { "$PYTHON" -m handlers.constants "$@"; }
-read -r c_inf c_met c_mar c_store c_state c_key < <(const INFERENCE_PORT METRICS_PORT \
-    MAR_NAME CONTAINER_MODEL_STORE CONTAINER_STATE_DIR KEY_FILE_NAME | paste -sd' ')
+read -r c_inf c_met c_mar c_store c_state c_logs c_key < <(const INFERENCE_PORT METRICS_PORT \
+    MAR_NAME CONTAINER_MODEL_STORE CONTAINER_STATE_DIR CONTAINER_LOG_DIR KEY_FILE_NAME | paste -sd' ')
 BASE_CACHE=${BASE_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/xray-serve/bookworm-minbase.tar}
 HEALTH_TIMEOUT=${HEALTH_TIMEOUT:-300}
 export DATA_DIR
@@ -152,7 +153,11 @@ log "built $IMAGE ($(docker image inspect -f '{{.Size}}' "$IMAGE" | awk '{printf
 # --- run --------------------------------------------------------------------------------------
 CONTAINER=xray-serve-test-$$
 read -r p0 p1 p2 < <("$PYTHON" -c "from tests.helpers import free_ports; print(*free_ports(3))")
+# As deploy/ runs it: a read-only root, writable only where the manifests mount emptyDirs (here
+# tmpfs, which docker mounts noexec, owned by root: nothing may be executed or dlopen()ed from
+# them, and the supervisor cannot chmod their roots).
 docker run -d --name "$CONTAINER" --health-interval 5s --health-start-period 240s \
+    --read-only --tmpfs /tmp:size=256m --tmpfs "$c_state:size=512m" --tmpfs "$c_logs:size=1g" \
     -p "127.0.0.1:$p0:$c_inf" -p "127.0.0.1:$p2:$c_met" \
     -v "$STORE:$c_store:ro" "$IMAGE" >/dev/null
 user=$(docker inspect -f '{{.Config.User}}' "$CONTAINER")

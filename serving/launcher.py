@@ -168,6 +168,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--state-dir", type=Path)
     p.add_argument("--log-dir", type=Path)
     p.add_argument("--token-file", type=Path)
+    p.add_argument("--java-library-path", type=Path)
     p.add_argument("--settings-json", type=Path, help=argparse.SUPPRESS)
     p.add_argument("--timeout", type=float, default=240)
     ns = p.parse_args(argv)

@@ -10,6 +10,7 @@ metrics APIs on unix sockets inside the private state dir; the management API is
 unix socket there too, so no client, whatever token it holds, can change the worker count.
 
     python -m serving.settings [--host 0.0.0.0] [--state-dir DIR] > config.properties
+    python -m serving.settings --extract-netty-native DIR   # the image, at build time
 """
 
 from __future__ import annotations
@@ -17,7 +18,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import platform
 import time
+import zipfile
 from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, IPvAnyAddress
@@ -68,6 +71,9 @@ class ServeSettings(BaseModel):
                                     "(env XRAY_TOKEN_FILE); None: one is generated into key_file")
     log_max_mb: int = Field(default=10, ge=1, description="each log file rolls over at this size")
     log_backups: int = Field(default=5, ge=1)
+    java_library_path: Path | None = Field(
+        default=None, description="netty's native transports, extracted beforehand (extract_netty_native); "
+        "None: netty extracts them into TEMP at each start, which fails where TEMP is mounted noexec")
 
     def resolved(self) -> ServeSettings:
         """A copy whose paths are absolute, anchored at the repository root."""
@@ -146,7 +152,8 @@ class ServeSettings(BaseModel):
             # C1 only (TieredStopAtLevel=1): C2's compiler threads cost more CPU per request than the
             # frontend's own work for minutes after a start on a 2-core host (`make bench`, README).
             "vmargs": f"-Xmx{self.heap_mb}m -XX:+ExitOnOutOfMemoryError -XX:TieredStopAtLevel=1 "
-                      f"-Duser.dir={self.ts_key_file.parent}",
+                      f"-Duser.dir={self.ts_key_file.parent}"
+                      + (f" -Djava.library.path={self.java_library_path}" if self.java_library_path else ""),
         }
         if self.netty_threads:
             lines["number_of_netty_threads"] = self.netty_threads
@@ -167,6 +174,34 @@ class ServeSettings(BaseModel):
                 f'{appenders} </Appenders>\n <Loggers>\n{loggers}'
                 '  <Logger name="io.netty" level="error"/>\n  <Logger name="org.apache" level="off"/>\n'
                 '  <Root level="warn"><AppenderRef ref="ts_log"/></Root>\n </Loggers>\n</Configuration>\n')
+
+
+def extract_netty_native(dest: Path, jar: Path | None = None) -> list[Path]:
+    """Copy the netty epoll transports for this CPU out of TorchServe's jar into dest.
+
+    The unix sockets need netty's epoll transport, a .so inside the jar that netty otherwise copies
+    into java.io.tmpdir and loads from there at every start. In a container whose writable dirs
+    are noexec tmpfs (`docker run --read-only --tmpfs ...`) that load fails, TorchServe rejects its
+    configuration ("Invalid configuration: null") and exits 0. Netty first looks on
+    java.library.path, so the image extracts them once, at build time, onto its read-only root."""
+    if jar is None:
+        import ts  # the serving environment's TorchServe; imported here so settings alone stays light
+
+        jar = Path(ts.__file__).parent / "frontend" / "model-server.jar"
+    arch = {"x86_64": "x86_64", "amd64": "x86_64", "aarch64": "aarch_64",
+            "arm64": "aarch_64"}[platform.machine().lower()]
+    dest.mkdir(parents=True, exist_ok=True)
+    out = []
+    with zipfile.ZipFile(jar) as z:
+        for name in z.namelist():
+            base = name.rsplit("/", 1)[-1]
+            if name.startswith("META-INF/native/") and "netty_transport_native_epoll" in base \
+                    and base.endswith(f"_{arch}.so"):
+                (dest / base).write_bytes(z.read(name))
+                out.append(dest / base)
+    if not any(p.name == f"libnetty_transport_native_epoll_{arch}.so" for p in out):
+        raise FileNotFoundError(f"{jar}: no netty epoll transport for {arch}")
+    return sorted(out)
 
 
 def read_keys(key_file: Path, attempts: int = 20) -> dict[str, str]:
@@ -200,8 +235,14 @@ def main() -> None:
     p.add_argument("--model-store", type=Path)
     p.add_argument("--state-dir", type=Path)
     p.add_argument("--log-dir", type=Path)
+    p.add_argument("--java-library-path", type=Path)
+    p.add_argument("--extract-netty-native", type=Path, metavar="DIR",
+                   help="only extract netty's epoll transports into DIR (the image does, at build time)")
     ns = p.parse_args()
-    given = {k: v for k, v in vars(ns).items() if v is not None}
+    if ns.extract_netty_native:
+        print("\n".join(str(f) for f in extract_netty_native(ns.extract_netty_native)))
+        return
+    given = {k: v for k, v in vars(ns).items() if v is not None and k != "extract_netty_native"}
     print(ServeSettings(**given).properties(), end="")
 
 

@@ -142,9 +142,15 @@ def prepare_dirs(s: ServeSettings) -> None:
     for d in (s.state_dir, s.run_dir, s.key_file.parent, s.ts_key_file.parent, s.state_dir / "tmp",
               s.state_dir / "jtmp", s.log_dir):
         d.mkdir(parents=True, exist_ok=True)
-    # Sockets, keys and TorchServe's temp dirs: nobody but this user may reach them.
-    for d in (s.state_dir, s.run_dir, s.key_file.parent, s.ts_key_file.parent):
+    # Sockets, keys and TorchServe's temp dirs (worker sockets, the extracted model): nobody but
+    # this user may reach them. We made these, so we own them.
+    for d in (s.run_dir, s.key_file.parent, s.ts_key_file.parent, s.state_dir / "tmp", s.state_dir / "jtmp"):
         d.chmod(0o700)
+    # The state dir itself may be a mount point owned by root (a Kubernetes emptyDir: root:fsGroup,
+    # 2777; a docker --tmpfs: root, the mode of the image's directory), which only root may chmod.
+    # What it holds is private anyway (above).
+    if s.state_dir.stat().st_uid == os.geteuid():
+        s.state_dir.chmod(0o700)
 
 
 def ts_env(s: ServeSettings) -> dict[str, str]:

@@ -6,6 +6,7 @@ import io
 import json
 import os
 import re
+import shutil
 import stat
 import subprocess
 import sys
@@ -23,7 +24,7 @@ from handlers.constants import MODEL_NAME, REPO_ROOT
 from handlers.schemas import ErrorBody, Prediction
 from serving import launcher
 from serving.load import batch_counts, metric_sum
-from serving.settings import ServeSettings, read_keys
+from serving.settings import ServeSettings, extract_netty_native, read_keys
 from tests.helpers import free_ports, keys, serve_settings, workers
 
 pytestmark = [pytest.mark.server, pytest.mark.slow]
@@ -201,3 +202,37 @@ def test_container_healthcheck_says_healthy_only_when_the_model_answers(server: 
     (port,) = free_ports(1)
     down = healthcheck("--inference-url", f"http://127.0.0.1:{port}", "--key-file", str(server.key_file))
     assert down.returncode == 1 and down.stdout.startswith("unhealthy:"), down.stdout
+
+
+NOEXEC_START = """
+import json, stat, subprocess, sys
+from serving import launcher
+from serving.settings import ServeSettings
+s = ServeSettings.model_validate_json(sys.argv[1])
+# A private mount namespace: the tmpfs is gone with it. noexec and owned by someone else, as
+# `docker run --tmpfs` and a Kubernetes emptyDir (root-owned, we are not root there) mount it.
+subprocess.run(["mount", "--make-rprivate", "/"], check=True)
+subprocess.run(["mount", "-t", "tmpfs", "-o", "noexec,nosuid,nodev,uid=65534,mode=1777", "tmpfs", str(s.state_dir)],
+               check=True)
+try:
+    label = launcher.start(s, timeout=240).label
+    print(json.dumps({"label": label, "run_mode": stat.S_IMODE(s.run_dir.stat().st_mode)}))
+finally:
+    launcher.stop(s)
+"""
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("unshare"), reason="needs root and unshare (mounts)")
+def test_torchserve_starts_where_its_temp_dir_is_noexec(tmp_path: Path, model_store: Path) -> None:
+    """The container's writable dirs are noexec tmpfs; netty's epoll transport (the unix sockets)
+    then loads from java_library_path, extracted beforehand as the image does at build time."""
+    native = tmp_path / "native"
+    extracted = extract_netty_native(native)
+    assert all(f.read_bytes()[:4] == b"\x7fELF" for f in extracted)
+    s = serve_settings(tmp_path, model_store, java_library_path=native).resolved()
+    s.state_dir.mkdir(parents=True)
+    r = subprocess.run(["unshare", "-m", sys.executable, "-c", NOEXEC_START, s.model_dump_json()], cwd=REPO_ROOT,
+                       capture_output=True, text=True, timeout=400)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    answer = json.loads(r.stdout.strip().splitlines()[-1])
+    assert answer["label"] and answer["run_mode"] == 0o700
