@@ -10,10 +10,14 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import onnx
 import pytest
+from onnx import TensorProto, helper
 from PIL import Image
 
+from handlers.backends import CARD_KEY, INPUT_NAME, OUTPUT_NAME
 from handlers.constants import REPO_ROOT as REPO
+from handlers.schemas import ModelCard
 from serving.settings import ServeSettings, read_keys
 
 CLASSES = ("NORMAL", "PNEUMONIA")
@@ -88,3 +92,21 @@ def workers(settings: ServeSettings) -> list[dict]:
     from serving.launcher import list_workers
 
     return list_workers(settings)
+
+
+def linear_onnx(path: Path, card: ModelCard, weights: np.ndarray) -> Path:
+    """image [N, 1, S, S] -> Flatten -> Gemm(weights) -> logits [N, 2], the card in the metadata: a
+    served model whose answers a test can compute by hand."""
+    size = card.input_size
+    graph = helper.make_graph(
+        [helper.make_node("Flatten", [INPUT_NAME], ["flat"], axis=1),
+         helper.make_node("Gemm", ["flat", "w"], [OUTPUT_NAME])],
+        "tiny", [helper.make_tensor_value_info(INPUT_NAME, TensorProto.FLOAT, ["batch", 1, size, size])],
+        [helper.make_tensor_value_info(OUTPUT_NAME, TensorProto.FLOAT, ["batch", 2])],
+        [helper.make_tensor("w", TensorProto.FLOAT, weights.shape, weights.ravel())])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    model.ir_version = 9
+    helper.set_model_props(model, {CARD_KEY: card.model_dump_json()})
+    onnx.checker.check_model(model)
+    onnx.save(model, str(path))
+    return path

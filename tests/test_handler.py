@@ -16,11 +16,9 @@ import uuid
 from pathlib import Path
 
 import numpy as np
-import onnx
 import pytest
 import torch
 import yaml
-from onnx import TensorProto, helper
 from PIL import Image
 from ts.context import Context
 from ts.metrics.metric_cache_yaml_impl import MetricsCacheYamlImpl
@@ -28,10 +26,10 @@ from ts.service import Service
 
 from export.torchscript import export_torchscript
 from handlers import constants as C
-from handlers.backends import CARD_KEY, INPUT_NAME, OUTPUT_NAME
 from handlers.preprocess import preprocess
 from handlers.schemas import ErrorBody, Explanation, ModelCard, Prediction
 from handlers.xray_handler import XrayHandler
+from tests.helpers import linear_onnx
 from training.models import build_model
 
 SIZE = 32
@@ -43,18 +41,7 @@ METRICS_YAML = Path(__import__("ts").__file__).parent / "configs" / "metrics.yam
 
 
 def tiny_onnx(path: Path) -> None:
-    """image [N, 1, S, S] -> Flatten -> Gemm -> logits [N, 2], the card in the metadata."""
-    graph = helper.make_graph(
-        [helper.make_node("Flatten", [INPUT_NAME], ["flat"], axis=1),
-         helper.make_node("Gemm", ["flat", "w"], [OUTPUT_NAME])],
-        "tiny", [helper.make_tensor_value_info(INPUT_NAME, TensorProto.FLOAT, ["batch", 1, SIZE, SIZE])],
-        [helper.make_tensor_value_info(OUTPUT_NAME, TensorProto.FLOAT, ["batch", 2])],
-        [helper.make_tensor("w", TensorProto.FLOAT, WEIGHTS.shape, WEIGHTS.ravel())])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
-    model.ir_version = 9
-    helper.set_model_props(model, {CARD_KEY: CARD.model_dump_json()})
-    onnx.checker.check_model(model)
-    onnx.save(model, str(path))
+    linear_onnx(path, CARD, WEIGHTS)
 
 
 def expected_probability(body: bytes) -> float:

@@ -14,12 +14,9 @@ from pathlib import Path
 
 import httpx
 import numpy as np
-import onnx
 import pytest
-from onnx import TensorProto, helper
 from PIL import Image
 
-from handlers.backends import CARD_KEY, INPUT_NAME, OUTPUT_NAME
 from handlers.preprocess import preprocess
 from handlers.schemas import ErrorBody, ModelCard, Prediction
 from serving import offline
@@ -27,7 +24,7 @@ from serving.inprocess import InProcessWorker
 from serving.load import list_items, stratified
 from serving.settings import ServeSettings
 from tests.bad_inputs import cases
-from tests.helpers import keys, run_cli
+from tests.helpers import keys, linear_onnx, run_cli
 from training.metrics import binary_metrics
 
 SIZE = 32
@@ -43,19 +40,7 @@ def expected_probability(body: bytes) -> float:
 
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """image [N, 1, S, S] -> Flatten -> Gemm -> logits [N, 2], the card in the metadata."""
-    graph = helper.make_graph(
-        [helper.make_node("Flatten", [INPUT_NAME], ["flat"], axis=1),
-         helper.make_node("Gemm", ["flat", "w"], [OUTPUT_NAME])],
-        "tiny", [helper.make_tensor_value_info(INPUT_NAME, TensorProto.FLOAT, ["batch", 1, SIZE, SIZE])],
-        [helper.make_tensor_value_info(OUTPUT_NAME, TensorProto.FLOAT, ["batch", 2])],
-        [helper.make_tensor("w", TensorProto.FLOAT, WEIGHTS.shape, WEIGHTS.ravel())])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
-    model.ir_version = 9
-    helper.set_model_props(model, {CARD_KEY: CARD.model_dump_json()})
-    path = tmp_path_factory.mktemp("tiny") / "tiny.onnx"
-    onnx.save(model, str(path))
-    return path
+    return linear_onnx(tmp_path_factory.mktemp("tiny") / "tiny.onnx", CARD, WEIGHTS)
 
 
 def npy_bytes(arr: np.ndarray) -> bytes:
