@@ -29,7 +29,12 @@ def test_course_profile_settings() -> None:
     assert sorted({c["arch_args"]["dropout"] for _, c, _ in experiments.plan("dropout", False, None)}) == \
         [0.0, 0.3, 0.5, 0.7]
     seeds = {n: c["seed"] for n, c, _ in experiments.plan("epochs", False, None)}
-    assert [seeds[f"epochs-10-s{i}"] for i in range(3)] == [0, 1, 2] and "epochs-ce-100-s1" not in seeds
+    assert [seeds[f"epochs-ce-100-s{i}"] for i in range(3)] == [0, 1, 2]
+    for study in experiments.COURSE_STUDIES:  # every setting over seeds 0, 1, 2
+        names = [n for n, _, _ in experiments.plan(study, False, None)]
+        assert len(names) == 3 * len({experiments.setting_of(n) for n in names}), study
+    assert {c["input_size"] for s in ("loss", "batch_size", "lr", "dropout", "epochs", "depth", "l2")
+            for _, c, _ in experiments.plan(s, False, None)} == {256}
 
 
 def test_course_ann_has_the_course_parameter_count() -> None:
@@ -39,15 +44,14 @@ def test_course_ann_has_the_course_parameter_count() -> None:
     assert count_parameters(model) == 2_099_329
 
 
-def test_gap_study_pools_a_real_map() -> None:
-    """At the study's input size the map before GAP is larger than 1x1 for both poolings."""
+def test_gap_study_pools_to_the_course_map() -> None:
+    """The 4-pooling arm leaves the course's 4x4 map before GAP; the 2-pooling arm a larger one."""
     sides = {}
-    for _, cfg, _ in experiments.plan("gap_pool", False, None, seeds=[0]):
+    for name, cfg, _ in experiments.plan("gap_pool", False, None, seeds=[0]):
         model = build_model(cfg["arch"], cfg["head"], cfg["input_size"], cfg["arch_args"]).eval()
         with torch.no_grad():
-            sides[cfg["arch_args"]["pool"]] = model.forward_features(torch.zeros(1, 1, cfg["input_size"],
-                                                                                 cfg["input_size"])).shape[-1]
-    assert sides[2] > sides[4] >= 2
+            sides[name] = model.forward_features(torch.zeros(1, 1, cfg["input_size"], cfg["input_size"])).shape[-1]
+    assert sides == {"gap_pool-2x2x2-s0": 8, "gap_pool-4x2x2-s0": 4}
 
 
 def test_statistics() -> None:
@@ -84,3 +88,44 @@ def test_publish_keeps_written_conclusions(tmp_path: Path) -> None:
     assert "BCE wins by 0.15." in md and "Why we differ." in md and "not written yet" not in md
     assert json.loads((reports / "experiments.json").read_text())["studies"]["loss"]["results"][0]["name"] == \
         "loss-bce-s0"
+
+
+def test_a_snapshot_is_the_shorter_run(data_dir: Path, tmp_path: Path) -> None:
+    """The epochs study reads a k-epoch run from a longer one: that is honest only if the snapshot equals
+    a k-epoch run trained on its own, and the long run goes on as if no snapshot were taken."""
+    from training.train import TrainConfig, load_data, train
+
+    base = experiments.COURSE | dict(arch="mlp", head="bce", input_size=32, epochs=3, data_dir=data_dir,
+                                     out_dir=tmp_path, arch_args={"hidden": [8], "dropout": 0.5},
+                                     limit_train=64, limit_eval=32, progress=False)
+    long = TrainConfig.model_validate(base | {"name": "long"})
+    data = load_data(long)
+    with_snapshot = train(long, data, snapshots={2: long.model_copy(update={"epochs": 2, "name": "snap"})})
+    (snap,) = with_snapshot.pop("snapshots")
+    alone = {k: train(long.model_copy(update={"epochs": k, "name": f"alone{k}"}), data) for k in (2, 3)}
+
+    def same(a: dict[str, Any], b: dict[str, Any]) -> None:
+        drop = ("seconds",)
+        assert [{k: v for k, v in h.items() if k not in drop} for h in a["history"]] == \
+            [{k: v for k, v in h.items() if k not in drop} for h in b["history"]]
+        assert (a["final_test_accuracy"], a["val"], a["test"]) == (b["final_test_accuracy"], b["val"], b["test"])
+        wa = torch.load(a["checkpoint"], weights_only=True)["state_dict"]
+        wb = torch.load(b["checkpoint"], weights_only=True)["state_dict"]
+        assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+    assert snap["epochs_run"] == 2 and snap["config"]["epochs"] == 2
+    same(snap, alone[2])
+    same(with_snapshot, alone[3])
+    with pytest.raises(ValueError, match="snapshots"):
+        train(long.model_copy(update={"scheduler": "cosine"}), data, snapshots={2: long})
+
+
+def test_trajectories_read_shorter_runs_from_the_longest() -> None:
+    """Across studies, runs that differ only in epochs share the longest planned run; cosine ones never."""
+    plans = {s: experiments.plan(s, False, None) for s in experiments.COURSE_STUDIES}
+    longest = experiments.trajectories(plans)
+    bce = longest[experiments.trajectory_key(experiments.ann() | {"seed": 1})]
+    assert (bce.name, bce.epochs) == ("epochs-50-s1", {5, 10, 25, 50})
+    ce = longest[experiments.trajectory_key(experiments.ann(head="ce") | {"seed": 0})]
+    assert (ce.name, ce.epochs) == ("epochs-ce-100-s0", {10, 30, 50, 100})
+    assert experiments.trajectory_key(experiments.TUNED_MLP) is None

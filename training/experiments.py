@@ -47,11 +47,15 @@ from training.train import TrainConfig, load_data, loss_target, make_criterion, 
 # augmentation; the last epoch's weights are the result (no early stopping).
 COURSE = dict(optimizer="adam", weight_decay=0.0, scheduler="none", balance="none", augment=False, lr=1e-3,
               batch_size=32, epochs=10, patience=0, threads=1)
-# The course's ANN: 3 hidden layers of 32 (its 2,099,329 parameters at 256 px are exactly this net),
-# BCE, dropout 0.7 (its best), 10 epochs (its best). 64 px here: see COURSE_SIZE_NOTE.
-ANN = COURSE | dict(arch="mlp", head="bce", input_size=64, arch_args={"hidden": [32, 32, 32], "dropout": 0.7})
-CNN = COURSE | dict(arch="cnn", head="bce", input_size=64, arch_args={"pool": 2})
-GAP_SIZE = 128  # 256 px (a 4x4 map before GAP at pool 4) costs ~10 min an epoch here: see the gap_pool note
+# The course's ANN at the course's 256 px: 3 hidden layers of 32 (its 2,099,329 parameters are exactly
+# this net), BCE, dropout 0.7 (its best), 10 epochs (its best). ~1.3 CPU s an epoch (fused Adam).
+ANN = COURSE | dict(arch="mlp", head="bce", input_size=256, arch_args={"hidden": [32, 32, 32], "dropout": 0.7})
+# The course CNN costs ~234 CPU s an epoch at 256 px here (one thread): its studies run at 64 px (~10 s).
+CNN_SIZE = 64
+CNN = COURSE | dict(arch="cnn", head="bce", input_size=CNN_SIZE, arch_args={"pool": 2})
+# The course's GAP study: pool 2 (a 32x32 map before GAP at 256 px) vs pool 4 (4x4). At 64 px, pools
+# (4, 2, 2) leave the course's 4x4 map; (2, 2, 2) leaves 8x8.
+GAP_POOLS = ([2, 2, 2], [4, 2, 2])
 
 # The default set: our tuned settings, picked per family on validation. Not a course setting.
 TUNED = dict(optimizer="adamw", weight_decay=1e-4, scheduler="cosine", balance="loss", augment=True, lr=1e-3,
@@ -93,7 +97,6 @@ STUDIES: dict[str, Study] = {
         "How does the batch size change the ANN's result and its training time?", ["batch_size", "epochs"],
         [(f"batch-{b}", ann(batch_size=b), "") for b in (2, 16, 32, 64, 128)]
         + [(f"batch-{b}-e30", ann(batch_size=b, epochs=30), "") for b in (16, 128)],
-        once=("batch-2",),
         course="2 / 16 / 32 / 64 at 10 epochs: 72-76%; 16 vs 128 at 30 epochs: 74% vs 72.25%."),
     "lr": Study(
         "Which constant Adam learning rate trains the ANN best (CE, 3 hidden layers, 30 epochs)?", ["lr"],
@@ -107,7 +110,6 @@ STUDIES: dict[str, Study] = {
         "How long to train the ANN: where does it start to over-fit?", ["head", "epochs"],
         [(f"epochs-{e}", ann(epochs=e), "") for e in (5, 10, 25, 50)]
         + [(f"epochs-ce-{e}", ann(head="ce", epochs=e), "") for e in (10, 50, 100)],
-        once=("epochs-ce-10", "epochs-ce-50", "epochs-ce-100"),
         course="BCE: 5 / 10 / 25 / 50 epochs, 10 best (82.5%); CE at lr 1e-3: 10 / 50 / 100 -> 75.75 / 71.25 / 74.0%."),
     "depth": Study(
         "Does a deeper MLP with BatchNorm help?", ["arch", "arch_args"],
@@ -119,11 +121,14 @@ STUDIES: dict[str, Study] = {
                 "added blocks behind a 64-wide first layer."),
     "cnn_vs_mlp": Study(
         "The course CNN vs the ANN: parameters, training and inference time, accuracy.", ["arch"],
-        [("cnn_vs_mlp-ann", ann(), ""), ("cnn_vs_mlp-cnn", CNN, "")], once=("cnn_vs_mlp-cnn",),
+        [("cnn_vs_mlp-ann", ann(), ""), ("cnn_vs_mlp-ann64", ann(input_size=CNN_SIZE), ""),
+         ("cnn_vs_mlp-cnn", CNN, "")],
         course="At 256 px and 50 epochs: ANN 2,099,329 parameters, CNN 1,049,505; training 16.4 s vs 109.3 s, "
                "validation 2.8 s vs 10.6 s.",
-        setting="64 px and 10 epochs, not 256 px and 50: the CNN costs ~10 min an epoch at 256 px on this "
-                "machine (measured). The CNN's maps still exist (64 -> 32 -> 16 -> 8 px)."),
+        setting=f"The CNN at {CNN_SIZE} px and 10 epochs, not 256 px and 50: it costs ~234 CPU s an epoch at 256 "
+                f"px here (one thread), so 3 seeds x 50 epochs would take ~10 CPU-hours; at {CNN_SIZE} px ~10 s. "
+                f"Its maps still exist ({CNN_SIZE} -> 32 -> 16 -> 8 px before the FC layer). The ANN runs at "
+                f"{CNN_SIZE} px beside it (the same input) and at the course's 256 px."),
     "l2": Study(
         "Does L2 (Adam weight_decay 0.01) with StepLR(10, 0.1) over 50 epochs stop the validation loss rising?",
         ["weight_decay"],
@@ -133,13 +138,15 @@ STUDIES: dict[str, Study] = {
         setting="On the course ANN (50 CNN epochs x 2 x 3 seeds do not fit here). Both arms use the same StepLR."),
     "gap_pool": Study(
         "GAP-CNN (AdaptiveAvgPool2d(1) after the convolutions): 2x2 or 4x4 max-pooling?", ["pool"],
-        [(f"gap_pool-{p}", CNN | {"arch": "gap_cnn", "input_size": GAP_SIZE, "epochs": 5, "arch_args": {"pool": p}},
-          "") for p in (2, 4)], once=("gap_pool-2", "gap_pool-4"),
+        [("gap_pool-" + "x".join(map(str, p)), CNN | {"arch": "gap_cnn", "arch_args": {"pool": p}}, "")
+         for p in GAP_POOLS],
         course="4x4 pooling so that the map before GAP is 4x4: train accuracy 83.9% -> 91.9%, validation "
                "85.8% -> 92.3%.",
-        setting=f"{GAP_SIZE} px, 5 epochs, one seed: the map before GAP is 16x16 (pool 2) vs 2x2 (pool 4), not "
-                "1x1 as at 64 px. The course's 4x4 needs 256 px, where one epoch measured ~10 min here; the pool-2 "
-                f"arm at {GAP_SIZE} px took ~10 min an epoch under this session's load."),
+        setting=f"{CNN_SIZE} px, 10 epochs: pools (4, 2, 2) leave the course's 4x4 map before GAP, (2, 2, 2) "
+                "leave 8x8 (the course's pool 2 left 32x32 at 256 px). At 256 px an epoch costs ~131 CPU s (pool "
+                "4) and ~234 s (pool 2) here, 3 seeds x 2 arms ~4 CPU-hours at 10 epochs; 128 px with (4, 4, 2) "
+                "vs (2, 2, 2) (4x4 vs 16x16) measured ~85 s an epoch for the pair, ~43 CPU-min: over this run's "
+                "budget."),
 }
 COURSE_STUDIES = [s for s in STUDIES if s != "default"]
 FAMILIES = ("mlp_bce", "mlp_ce", "xraynet")  # a family is a run name's part before "-"
@@ -245,22 +252,96 @@ def cpu_timings(checkpoint: str, cfg: TrainConfig, data: dict[str, Any], steps: 
             "train_cpu_seconds_per_epoch": per_step * -(-len(train_split) // cfg.batch_size)}
 
 
-def run_study(study: str, args: argparse.Namespace) -> list[dict[str, Any]]:
+def study_dir(args: argparse.Namespace, study: str) -> Path:
+    return Path(args.runs_dir) / (study + ("-quick" if args.quick else ""))
+
+
+def run_config(overrides: dict[str, Any], name: str, study: str, args: argparse.Namespace) -> TrainConfig:
+    return TrainConfig.model_validate(overrides | {"name": name, "data_dir": args.data_dir,
+                                                   "out_dir": study_dir(args, study)})
+
+
+def trajectory_key(overrides: dict[str, Any]) -> str | None:
+    """Runs with equal keys differ only in their epoch count and can be read from the longest one;
+    None where the epoch count changes the path (early stopping, a cosine schedule sized by it)."""
+    if overrides.get("patience") or overrides.get("scheduler") == "cosine":
+        return None
+    return json.dumps({k: v for k, v in overrides.items() if k != "epochs"}, sort_keys=True)
+
+
+@dataclass
+class Trajectory:
+    study: str
+    name: str
+    overrides: dict[str, Any]
+    epochs: set[int]  # every epoch count planned with this key
+
+
+def trajectories(plans: dict[str, list[tuple[str, dict[str, Any], str]]]) -> dict[str, Trajectory]:
+    """Per trajectory key, the longest planned run (the first planned, on a tie) and every epoch count."""
+    out: dict[str, Trajectory] = {}
+    for study, runs in plans.items():
+        for name, overrides, _ in runs:
+            key = trajectory_key(overrides)
+            if key is None:
+                continue
+            t = out.setdefault(key, Trajectory(study, name, overrides, set()))
+            t.epochs.add(overrides["epochs"])
+            if overrides["epochs"] > t.overrides["epochs"]:
+                t.study, t.name, t.overrides = study, name, overrides
+    return out
+
+
+def run_trajectory(t: Trajectory, args: argparse.Namespace) -> list[dict[str, Any]]:
+    """The longest run, and a snapshot run (NAME-atK) at every shorter planned epoch count K."""
+    cfg = run_config(t.overrides, t.name, t.study, args)
+    snaps = {k: cfg.model_copy(update={"epochs": k, "name": f"{t.name}-at{k}"})
+             for k in sorted(t.epochs) if k < cfg.epochs}
+    if snaps:
+        print(f"[{t.study}] {t.name}: one {cfg.epochs}-epoch run, read at epochs {sorted(snaps)} as well",
+              flush=True)
+    result = train(cfg, shared_data(cfg), snapshots=snaps)
+    return [result, *result.pop("snapshots")]
+
+
+def source_note(done: Path, runs_dir: Path) -> str:
+    """Where a reused run's numbers come from, by setting: 'same run as STUDY/SETTING' or
+    'epoch K of STUDY/SETTING' (a snapshot of a longer run)."""
+    source = done.parent.relative_to(runs_dir)
+    m = re.fullmatch(r"(.+)-at(\d+)", source.name)
+    if m:
+        return f"epoch {m[2]} of {source.parent}/{setting_of(m[1])}"
+    return f"same run as {source.parent}/{setting_of(source.name)}"
+
+
+_MADE: dict[str, Path] = {}  # same_as(config) -> metrics.json, for runs made by this invocation
+
+
+def run_study(study: str, args: argparse.Namespace, longest: dict[str, Trajectory] | None = None,
+              ) -> list[dict[str, Any]]:
     results = []
-    out_dir = Path(args.runs_dir) / (study + ("-quick" if args.quick else ""))
+    longest = longest or {}
     for name, overrides, note in plan(study, args.quick, args.only, args.seeds):
-        cfg = TrainConfig.model_validate(overrides | {"name": name, "data_dir": args.data_dir, "out_dir": out_dir})
+        cfg = run_config(overrides, name, study, args)
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
-        done = finished_runs(Path(args.runs_dir)).get(same_as(cfg.model_dump(mode="json"))) if args.reuse else None
+        key = same_as(cfg.model_dump(mode="json"))
+        done = _MADE.get(key) or (finished_runs(Path(args.runs_dir)).get(key) if args.reuse else None)
+        traj = longest.get(trajectory_key(overrides) or "")
+        if not done and traj and traj.overrides["epochs"] > cfg.epochs:
+            for made in run_trajectory(traj, args):  # this run is one of its snapshots
+                _MADE[same_as(made["config"])] = Path(made["checkpoint"]).parent / "metrics.json"
+            done = _MADE[key]
         data = shared_data(cfg)
         if done:
             result = json.loads(done.read_text()) | {"name": name}
-            # where its numbers come from, by setting: the same config trained once for several studies
-            source = done.parent.relative_to(args.runs_dir)
-            note = ", ".join(filter(None, [note, f"same run as {source.parent}/{setting_of(source.name)}"]))
+            note = ", ".join(filter(None, [note, source_note(done, Path(args.runs_dir))]))
         else:
-            result = train(cfg, data)
+            snaps = {k: cfg.model_copy(update={"epochs": k, "name": f"{name}-at{k}"})
+                     for k in sorted(traj.epochs if traj else ()) if k < cfg.epochs}
+            result = train(cfg, data, snapshots=snaps)
+            for made in [result, *result.pop("snapshots")]:
+                _MADE[same_as(made["config"])] = Path(made["checkpoint"]).parent / "metrics.json"
         run_dir = Path(result["checkpoint"]).parent
         # train() returns its history; a reused run's is on disk
         history = result.pop("history", None) or json.loads((run_dir / "history.json").read_text())
@@ -496,10 +577,12 @@ def main(argv: list[str] | None = None) -> None:
         p.error(f"unknown study {unknown}; choose from default, all, {COURSE_STUDIES}")
     # Under torchrun (make train NPROC=N) every rank runs every study; rank 0 alone writes.
     d = distributed.init()
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
+    # A run that is the first K epochs of a longer planned one (any study) is read from it: trained once.
+    longest = trajectories({s: plan(s, args.quick, args.only, args.seeds) for s in studies})
     for study in studies:
         ts = time.perf_counter()
-        results = run_study(study, args)
+        results = run_study(study, args, longest)
         if not results or not d.is_main:
             continue
         if study == "default":
@@ -512,7 +595,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"report -> {write_report({study: entry}, Path(args.reports_dir))}", flush=True)
     distributed.shutdown(d)
     if d.is_main:
-        print(f"total {time.perf_counter() - t0:.0f}s")
+        print(f"total {time.perf_counter() - t0:.0f} s wall, {time.process_time() - c0:.0f} s CPU (this process)")
 
 
 if __name__ == "__main__":

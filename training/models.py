@@ -34,18 +34,24 @@ class MLP(nn.Module):
 
 
 class CourseCNN(nn.Module):
-    """3 conv layers of 32 3x3 kernels, each ReLU + max-pool, then FC 32 (flattened or after GAP)."""
+    """3 conv layers of 32 3x3 kernels, each ReLU + max-pool, then FC 32 (flattened or after GAP).
 
-    def __init__(self, input_size: int, n_out: int, channels: int = 32, n_conv: int = 3, pool: int = 2,
-                 fc: int = 32, dropout: float = 0.0, gap: bool = False) -> None:
+    POOL is one max-pool size for every layer or one per layer: (4, 4, 2) at 128 px leaves the 4x4 map
+    the course's 4x4 pooling leaves at 256 px."""
+
+    def __init__(self, input_size: int, n_out: int, channels: int = 32, n_conv: int = 3,
+                 pool: int | tuple[int, ...] = 2, fc: int = 32, dropout: float = 0.0, gap: bool = False) -> None:
         super().__init__()
+        pools = tuple(pool) if isinstance(pool, tuple | list) else (pool,) * n_conv
+        if len(pools) != n_conv:
+            raise ValueError(f"{len(pools)} pool sizes for {n_conv} conv layers")
         layers: list[nn.Module] = []
         c_in, side = 1, input_size
-        for _ in range(n_conv):
-            layers += [nn.Conv2d(c_in, channels, 3, padding=1), nn.ReLU(inplace=True), nn.MaxPool2d(pool)]
-            c_in, side = channels, side // pool
+        for p in pools:
+            layers += [nn.Conv2d(c_in, channels, 3, padding=1), nn.ReLU(inplace=True), nn.MaxPool2d(p)]
+            c_in, side = channels, side // p
         if side < 1:
-            raise ValueError(f"input {input_size} px is too small for {n_conv} pools of {pool}")
+            raise ValueError(f"input {input_size} px is too small for pools {pools}")
         self.features = nn.Sequential(*layers)
         self.pool = nn.AdaptiveAvgPool2d(1) if gap else nn.Identity()
         flat = channels if gap else channels * side * side
