@@ -44,9 +44,9 @@ from training.sources import default_data_dir
 from training.train import TrainConfig, load_data, loss_target, make_criterion, make_optimizer, predict, train
 
 # The course's profile: Adam, constant LR 1e-3, batch 32, no weight decay, no class weights, no
-# augmentation; the last epoch's weights are the result (no early stopping).
+# augmentation; the last epoch's weights are the result (no early stopping). No OOD gate: never served.
 COURSE = dict(optimizer="adam", weight_decay=0.0, scheduler="none", balance="none", augment=False, lr=1e-3,
-              batch_size=32, epochs=10, patience=0, threads=1)
+              batch_size=32, epochs=10, patience=0, threads=1, ood_gate=False)
 # The course's ANN at the course's 256 px: 3 hidden layers of 32 (its 2,099,329 parameters are exactly
 # this net), BCE, dropout 0.7 (its best), 10 epochs (its best). ~1.3 CPU s an epoch (fused Adam).
 ANN = COURSE | dict(arch="mlp", head="bce", input_size=256, arch_args={"hidden": [32, 32, 32], "dropout": 0.7})
@@ -208,8 +208,9 @@ def shared_data(cfg: TrainConfig) -> dict[str, Any]:
 
 
 def same_as(config: dict[str, Any]) -> str:
-    """What makes two runs the same run: the config without its name and where it is written."""
-    return json.dumps({k: v for k, v in config.items() if k not in ("name", "out_dir", "progress")},
+    """What makes two runs the same run: the config without its name, where it is written and what
+    only its finishing step adds (the OOD gate changes no weight and no study measure)."""
+    return json.dumps({k: v for k, v in config.items() if k not in ("name", "out_dir", "progress", "ood_gate")},
                       sort_keys=True)
 
 

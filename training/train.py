@@ -60,6 +60,7 @@ class TrainConfig(BaseModel):
     select: Literal["roc_auc", "balanced_accuracy", "accuracy", "loss"] = "roc_auc"
     patience: int = Field(default=0, ge=0, description="early-stopping patience in epochs; 0 = off")
     tune_threshold: bool = True
+    ood_gate: bool = Field(default=True, description="fit the OOD detector (the served gate) when finishing")
     seed: int = 0
     threads: int = Field(default=0, ge=0, description="torch threads; 0 = torch's default")
     limit_train: int | None = Field(default=None, ge=2, description="stratified subset, for quick runs")
@@ -212,7 +213,7 @@ def finish(model: torch.nn.Module, best: dict[str, Any], history: list[dict[str,
     model = distributed.unwrap(model)
     model.load_state_dict(best["state"])
     # The card's threshold is the default point's, on the calibrated probability the server gives.
-    fitted = trust.fit(model, data, cfg.head, tune=cfg.tune_threshold)
+    fitted = trust.fit(model, data, cfg.head, tune=cfg.tune_threshold, detector=cfg.ood_gate)
     threshold = fitted.threshold
     val_metrics = evaluate(model, data["val"], cfg, criterion, threshold, fitted.calibration, d)
     test_metrics = evaluate(model, data["test"], cfg, criterion, threshold, fitted.calibration, d)
