@@ -5,8 +5,9 @@
     guarded(model, ckpt)   -> the module export writes: (logits, ood_score) when the checkpoint has a
                               detector, else the model itself
 
-Everything is fitted on the train split (detector statistics) and the validation split (detector
-standardisation and threshold, Platt scaling, operating points); the test split is only measured.
+Everything is fitted on the train split (detector statistics), the validation split plus the train
+split scored out of fold (detector standardisation and threshold) and the validation split (Platt
+scaling, operating points); the test split is only measured.
 """
 
 from __future__ import annotations
@@ -88,7 +89,8 @@ def fit(model: nn.Module, data: dict[str, Any], head: str, tune: bool = True, de
     if det is None:
         return TrustFit(platt, points, None, {}, report)
     gate = OodGate(method="mahalanobis", threshold=det.threshold, layers=[s.name for s in det.layers],
-                   two_sided=det.two_sided, val_quantile=ood.VAL_QUANTILE)
+                   two_sided=det.two_sided, val_quantile=ood.VAL_QUANTILE,
+                   reference=f"validation + training out of fold ({ood.FOLDS} folds)")
     report["val_ood_refused"] = float(np.mean(det.score(val_feats) > det.threshold))
     return TrustFit(platt, points, gate, detector_state(det), report, det)
 
