@@ -409,15 +409,16 @@ validation-tuned threshold. **`make experiments`** (every study below) uses the 
 constant LR 1e-3 unless swept, batch 32, plain BCEWithLogitsLoss / CrossEntropyLoss **without class
 weights**, no augmentation, no scheduler unless the study names one, the course's ANN (3 hidden layers
 of 32, dropout 0.7, BCE, 10 epochs) **at the course's 256 px**, and its CNN (3 x [Conv 32 3x3, ReLU,
-MaxPool 2x2], FC 32) at 64 px (the *Our setting* lines say why). Every setting runs with seeds 0, 1, 2;
-cells are mean ± sd over the seeds. *final* = the weights after the last epoch at threshold 0.5: the
-course's measure. *train acc* is the last epoch's running accuracy (dropout on). *bal acc / AUC (best)*
-= the epoch with the best validation ROC AUC at its validation-tuned threshold: our measure. A note
-*epoch K of STUDY/SETTING* means the run was read after epoch K of that longer run: with a constant LR
-and no early stopping, a K-epoch run *is* the first K epochs of a longer one (same seed, same batches,
-same dropout masks), so it is trained once and finished at K as a K-epoch run would be
-(`tests/test_experiments.py` checks the weights are equal, bit for bit). Test split: 187 NORMAL / 622
-PNEUMONIA, so predicting PNEUMONIA for every image scores 0.769 accuracy and 0.5 balanced accuracy."""
+MaxPool 2x2], FC 32) at 64 px (the *Our setting* lines say why). Every setting is planned with seeds 0,
+1, 2 (the *seeds* column says which ran); cells are mean ± sd over the seeds. *final* = the weights
+after the last epoch at threshold 0.5: the course's measure. *train acc* is the last epoch's running
+accuracy (dropout on). *bal acc / AUC (best)* = the epoch with the best validation ROC AUC at its
+validation-tuned threshold: our measure. A note *epoch K of STUDY/SETTING* means the run was read after
+epoch K of that longer run: with a constant LR and no early stopping, a K-epoch run *is* the first K
+epochs of a longer one (same seed, same batches, same dropout masks), so it is trained once and finished
+at K as a K-epoch run would be (`tests/test_experiments.py` checks the weights are equal, bit for bit).
+Test split: 187 NORMAL / 622 PNEUMONIA, so predicting PNEUMONIA for every image scores 0.769 accuracy
+and 0.5 balanced accuracy."""
 
 
 def mean_sd(values: list[float], digits: int = 4) -> str:
