@@ -410,6 +410,7 @@ def tidy_note(note: str, study: str) -> str:
     return ", ".join(p for p in parts if p and not p.startswith(f"same run as {study}/"))
 
 
+TUNING = "xraynet_tuning"  # the written section on make train's CNN (issue 17)
 WRITTEN = re.compile(r"<!-- written: (?P<key>[\w-]+) -->\n(?P<text>.*?)<!-- /written -->", re.S)
 
 
@@ -438,7 +439,10 @@ def render(studies: dict[str, dict[str, Any]], written: dict[str, str] | None = 
         n = len(by_setting(entry["results"]))
         head.append(f"- [{study}](#{study}){quick}: {n} settings, {len(entry['results'])} runs")
     sections = [study_section(s, e, written) for s, e in studies.items()]
-    return "\n".join(head) + "\n\n" + "\n".join(sections)
+    # How make train's CNN was tuned (our profile, not a course study): written by hand, kept on publish.
+    tuning = ["## xraynet: tuning make train's CNN", "", f"<!-- written: {TUNING} -->",
+              written.get(TUNING, "*Not written yet.*\n").rstrip("\n"), "<!-- /written -->", ""]
+    return "\n".join(head) + "\n\n" + "\n".join(sections) + "\n" + "\n".join(tuning)
 
 
 def load_studies(reports_dir: Path) -> dict[str, dict[str, Any]]:
