@@ -4,7 +4,7 @@
     bn_mlp   deeper MLP: [Linear, BatchNorm1d, ReLU, Dropout] x 4 -> Linear
     cnn      course CNN: 3 x [Conv 32 3x3, ReLU, MaxPool p] -> FC 32 -> out
     gap_cnn  the same conv stack -> AdaptiveAvgPool2d(1) -> FC 32 -> out
-    xraynet  ours: 5 x [Conv 3x3, BatchNorm, ReLU, MaxPool 2], 8..128 channels -> GAP -> out
+    xraynet  ours: 5 x [[Conv 3x3, BatchNorm, ReLU] x convs, MaxPool 2], 8..128 channels -> GAP -> out
 """
 
 from __future__ import annotations
