@@ -37,6 +37,13 @@ LOGGERS = (("ACCESS_LOG", "info", "access_log"), ("MODEL_LOG", "info", "model_lo
            ("MODEL_METRICS", "info", "model_metrics"), ("org.pytorch.serve", "info", "ts_log"),
            ("TS_METRICS", "info", "ts_metrics"))
 
+# TorchServe's frontend logs, at INFO, a line per response sent, two per batch (its timing) and an echo
+# of every metric line a worker prints; the raw message (before formatting) is matched, so a dropped
+# line costs no formatting. Lifecycle lines (workers started, died, retried) stay.
+ROUTINE_MESSAGES = ("Sending response for jobId", "result=", "Looping backend response at", "Backend response time")
+ROUTINE_FILTER = ('<RegexFilter regex="^(' + "|".join(m.replace(" ", "\\s") for m in ROUTINE_MESSAGES)
+                  + ').*" useRawMsg="true" onMatch="DENY" onMismatch="NEUTRAL"/>')
+
 
 class ServeSettings(BaseModel):
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
@@ -71,6 +78,13 @@ class ServeSettings(BaseModel):
                                     "(env XRAY_TOKEN_FILE); None: one is generated into key_file")
     log_max_mb: int = Field(default=10, ge=1, description="each log file rolls over at this size")
     log_backups: int = Field(default=5, ge=1)
+    # Levers measured with `make bench` / serving.abtest (README, "Tuning").
+    access_log: bool = Field(default=True, description="TorchServe's access log: one line per request")
+    routine_logs: bool = Field(default=True, description="TorchServe's per-request and per-batch INFO lines "
+                               "(responses sent, batch timings, each metric line echoed); False drops only those")
+    system_metrics: bool = Field(default=True, description="TorchServe's system metrics (a Python process "
+                                 "spawned every minute)")
+    jvm_options: str = Field(default="", pattern=r"^[-A-Za-z0-9:+=._ ]*$", description="extra JVM flags")
     java_library_path: Path | None = Field(
         default=None, description="netty's native transports, extracted beforehand (extract_netty_native); "
         "None: netty extracts them into TEMP at each start, which fails where TEMP is mounted noexec")
@@ -153,8 +167,11 @@ class ServeSettings(BaseModel):
             # frontend's own work for minutes after a start on a 2-core host (`make bench`, README).
             "vmargs": f"-Xmx{self.heap_mb}m -XX:+ExitOnOutOfMemoryError -XX:TieredStopAtLevel=1 "
                       f"-Duser.dir={self.ts_key_file.parent}"
-                      + (f" -Djava.library.path={self.java_library_path}" if self.java_library_path else ""),
+                      + (f" -Djava.library.path={self.java_library_path}" if self.java_library_path else "")
+                      + (f" {self.jvm_options.strip()}" if self.jvm_options.strip() else ""),
         }
+        if not self.system_metrics:
+            lines["disable_system_metrics"] = "true"
         if self.netty_threads:
             lines["number_of_netty_threads"] = self.netty_threads
         return "".join(f"{k}={v}\n" for k, v in lines.items())
@@ -168,8 +185,11 @@ class ServeSettings(BaseModel):
             '   <PatternLayout pattern="%d{ISO8601} [%-5p] %t %c - %m%n"/>\n'
             f'   <Policies><SizeBasedTriggeringPolicy size="{self.log_max_mb} MB"/></Policies>\n'
             f'   <DefaultRolloverStrategy max="{self.log_backups}"/>\n  </RollingFile>\n' for name in LOG_FILES)
-        loggers = "".join(f'  <Logger name="{logger}" level="{level}" additivity="false">'
-                          f'<AppenderRef ref="{name}"/></Logger>\n' for logger, level, name in LOGGERS)
+        levels = {"ACCESS_LOG": "info" if self.access_log else "off"}
+        routine = "" if self.routine_logs else ROUTINE_FILTER
+        loggers = "".join(f'  <Logger name="{logger}" level="{levels.get(logger, level)}" additivity="false">'
+                          f'{routine if logger == "org.pytorch.serve" else ""}<AppenderRef ref="{name}"/></Logger>\n'
+                          for logger, level, name in LOGGERS)
         return ('<?xml version="1.0" encoding="UTF-8"?>\n<Configuration>\n <Appenders>\n'
                 f'{appenders} </Appenders>\n <Loggers>\n{loggers}'
                 '  <Logger name="io.netty" level="error"/>\n  <Logger name="org.apache" level="off"/>\n'
