@@ -80,10 +80,9 @@ class ServeSettings(BaseModel):
     log_backups: int = Field(default=5, ge=1)
     # Levers measured with `make bench` / serving.abtest (README, "Tuning").
     access_log: bool = Field(default=True, description="TorchServe's access log: one line per request")
-    routine_logs: bool = Field(default=True, description="TorchServe's per-request and per-batch INFO lines "
-                               "(responses sent, batch timings, each metric line echoed); False drops only those")
-    system_metrics: bool = Field(default=True, description="TorchServe's system metrics (a Python process "
-                                 "spawned every minute)")
+    routine_logs: bool = Field(default=False, description="TorchServe's per-request and per-batch INFO lines "
+                               "(responses sent, batch timings, each metric line echoed); off by default, "
+                               "lifecycle lines stay either way")
     jvm_options: str = Field(default="", pattern=r"^[-A-Za-z0-9:+=._ ]*$", description="extra JVM flags")
     java_library_path: Path | None = Field(
         default=None, description="netty's native transports, extracted beforehand (extract_netty_native); "
@@ -170,8 +169,6 @@ class ServeSettings(BaseModel):
                       + (f" -Djava.library.path={self.java_library_path}" if self.java_library_path else "")
                       + (f" {self.jvm_options.strip()}" if self.jvm_options.strip() else ""),
         }
-        if not self.system_metrics:
-            lines["disable_system_metrics"] = "true"
         if self.netty_threads:
             lines["number_of_netty_threads"] = self.netty_threads
         return "".join(f"{k}={v}\n" for k, v in lines.items())
