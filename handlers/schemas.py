@@ -53,7 +53,8 @@ class OodGate(BaseModel):
     threshold: float
     layers: list[str] = Field(default_factory=list)
     two_sided: bool = True
-    val_quantile: float = 0.995
+    val_quantile: float = Field(0.995, description="the share of the reference radiographs that pass")
+    reference: str = Field("validation", description="the radiographs the threshold was set on")
 
 
 class ModelCard(BaseModel):

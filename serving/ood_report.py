@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 
 from handlers import constants as C
+from handlers.schemas import CLASS_NAMES
 from serving.client import Result, XrayClient, XrayHTTPError, XrayUnavailable
 from serving.trust_report import REFUSAL_TYPE
 from training.ood_images import border_cases, encode_png, ood_set
@@ -73,6 +74,7 @@ def build(url: str, data_dir: Path, split: str, limit: int | None, border_every:
     ood = ood_set()
     sample = files[::border_every]
     border = list(border_cases([decode(p.read_bytes()) for p, _ in sample], [p.name for p, _ in sample]))
+    labels = {f"radiograph/{p.name}": CLASS_NAMES[y] for p, y in files}
     items = ([(f"radiograph/{p.name}", p) for p, _ in files] + [(f"ood/{o.name}", encode_png(o.gray)) for o in ood]
              + [(f"border/{b.name}", encode_png(b.gray)) for b in border])
     kinds = {f"ood/{o.name}": o.kind for o in ood} | {f"border/{b.name}": b.kind for b in border}
@@ -90,7 +92,7 @@ def build(url: str, data_dir: Path, split: str, limit: int | None, border_every:
             threshold = r.error.error.ood_threshold
         what, score = outcome(r)
         group = "radiograph" if name.startswith("radiograph/") else kinds[name]
-        rows.append({"name": name, "group": group, "outcome": what, "score": score,
+        rows.append({"name": name, "group": group, "label": labels.get(name), "outcome": what, "score": score,
                      "error": None if r.ok or what == "refused" else str(r.error)})
     if any(isinstance(r.error, XrayUnavailable) for r in results):
         raise ConnectionError(f"{url}: the server did not answer")
@@ -114,6 +116,9 @@ def summarize(rows: list[dict[str, Any]], wall_s: float) -> dict[str, Any]:
         "n_radiographs": len(radio), "n_ood": len(foreign), "n_border": len(border), "seconds": round(wall_s, 1),
         "ood_refused": rate([r["outcome"] for r in foreign]),
         "false_refusal": rate([r["outcome"] for r in radio]),
+        # A gate that refuses one class more often shifts who gets an answer: report it per class.
+        "false_refusal_by_class": {c: rate([r["outcome"] for r in radio if r.get("label") == c])
+                                   for c in sorted({r.get("label") for r in radio} - {None})},
         "ood_auroc": auroc(scores, ood_scores),
         "ood_refused_by_kind": by_kind, "border_refused": by_case,
         "errors": [r for r in rows if r["outcome"] == "error"],
@@ -128,6 +133,7 @@ def markdown(rep: dict[str, Any]) -> str:
              "| what | value |", "|---|---:|",
              f"| non-radiographs refused | {rep['ood_refused']:.1%} of {rep['n_ood']} |",
              f"| radiographs refused (false refusals) | {rep['false_refusal']:.2%} of {rep['n_radiographs']} |",
+             *(f"| {c} radiographs refused | {v:.2%} |" for c, v in rep["false_refusal_by_class"].items()),
              f"| OOD AUROC (served scores) | {rep['ood_auroc']:.4f} |" if rep["ood_auroc"] is not None else "",
              f"| threshold | {rep['threshold']:.3f} |" if rep.get("threshold") is not None else "",
              "", "| kind | refused |", "|---|---:|"]

@@ -179,3 +179,21 @@ def test_handler_rules() -> None:
     gate = OodGate(threshold=10.0)
     assert is_foreign(10.5, gate) and not is_foreign(10.0, gate) and is_foreign(float("nan"), gate)
     assert not is_foreign(1e9, None)
+
+
+def test_threshold_holds_on_new_radiographs_when_validation_is_small() -> None:
+    """The threshold rests on validation plus the training split scored out of fold: with 30
+    validation images alone its 99.5th percentile is their maximum, a noisy estimate of the tail."""
+    rng = np.random.default_rng(0)
+
+    def draw(n: int) -> tuple[np.ndarray, np.ndarray]:
+        y = rng.integers(0, 2, n)
+        return rng.standard_normal((n, 8)) + 2.0 * y[:, None], y
+
+    (f_train, y_train), (f_val, _), (f_new, _) = draw(2000), draw(30), draw(20000)
+    det = ood.fit_detector([f_train], y_train, [f_val], ["layer"], two_sided=False)
+    refused = float(np.mean(det.score([f_new]) > det.threshold))
+    assert 0.002 <= refused <= 0.01, refused
+    oof = ood.out_of_fold_d2("layer", f_train, y_train)
+    in_sample = det.layers[0].d2(f_train)
+    assert oof.mean() > in_sample.mean()  # out of fold is the unseen image's view: farther

@@ -5,8 +5,9 @@
     guarded(model, ckpt)   -> the module export writes: (logits, ood_score) when the checkpoint has a
                               detector, else the model itself
 
-Everything is fitted on the train split (detector statistics) and the validation split (detector
-standardisation and threshold, Platt scaling, operating points); the test split is only measured.
+Everything is fitted on the train split (detector statistics), the validation split plus the train
+split scored out of fold (detector standardisation and threshold) and the validation split (Platt
+scaling, operating points); the test split is only measured.
 """
 
 from __future__ import annotations
@@ -77,7 +78,8 @@ def fit(model: nn.Module, data: dict[str, Any], head: str, tune: bool = True) ->
     if not tune:
         points[DEFAULT_POINT] = OperatingPoint(threshold=0.5, description="untuned: 0.5")
     gate = OodGate(method="mahalanobis", threshold=det.threshold, layers=[s.name for s in det.layers],
-                   two_sided=det.two_sided, val_quantile=ood.VAL_QUANTILE)
+                   two_sided=det.two_sided, val_quantile=ood.VAL_QUANTILE,
+                   reference=f"validation + training out of fold ({ood.FOLDS} folds)")
     val_scores = det.score(val_feats)
     report = {"val_ece_uncalibrated": cal.ece(y_val, raw_val), "val_ece": platt.val_ece,
               "val_brier_uncalibrated": cal.brier(y_val, raw_val), "val_brier": platt.val_brier,
