@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import socket
 import struct
 import threading
+import time
 import types
+from pathlib import Path
 
 import pytest
 from ts.protocol import otf_message_handler as otf
 
+from handlers import constants as C
 from handlers import worker
 
 
@@ -106,3 +110,34 @@ def test_tests_and_offline_tools_are_not_tuned() -> None:
     assert not worker.in_torchserve_worker()
     assert worker.tune_worker() == {"buffered_reads": False, "quiet_batch_lines": False}
     assert not any(isinstance(f, worker.DropBatchLines) for f in logging.getLogger().filters)
+
+
+def test_a_real_worker_answers_as_the_handler_in_process_and_prints_three_lines_a_batch(
+        model_store: Path, data_dir: Path, tmp_path: Path) -> None:
+    """TorchServe's own worker process, fed over its socket by serving.workerbench (no Java): the
+    buffered reads decode every request, the answers equal the in-process handler's bit for bit,
+    and per batch only the handler's three histogram lines reach stdout."""
+    from serving.inprocess import InProcessWorker
+    from serving.workerbench import Worker, encode_batch
+
+    bodies = [p.read_bytes() for p in sorted((data_dir / "test").rglob("*.jp*g"))[:8]]
+    worker = Worker(model_store / C.MAR_NAME, tmp_path, len(bodies))
+    try:
+        assert any(b"'buffered_reads': True, 'quiet_batch_lines': True" in line for line in worker.lines)
+        lines0 = worker.line_count
+        for _ in range(3):
+            served = worker.predict(encode_batch(bodies))
+        deadline = time.monotonic() + 10
+        while worker.line_count < lines0 + 9 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(0.3)  # nothing more may come
+        printed = worker.lines[-(worker.line_count - lines0):]
+    finally:
+        worker.close()
+    assert [line.split(b".")[0] for line in printed] == [b"[METRICS]XrayPreprocessSeconds",
+                                                         b"[METRICS]XrayInferenceSeconds",
+                                                         b"[METRICS]XrayBatchSize"] * 3
+    with InProcessWorker.open(model_store / C.MAR_NAME) as local:
+        offline = local.predict_many([(str(i), b, "image/jpeg") for i, b in enumerate(bodies)])
+    assert [status for status, _ in served] == [a.status for a in offline]
+    assert [json.loads(body) for _, body in served] == [a.body for a in offline]
