@@ -62,7 +62,11 @@ class ServeSettings(BaseModel):
     log_dir: Path = C.LOG_DIR.relative_to(REPO_ROOT)
     max_request_size: int = Field(default=16 * 1024 * 1024, gt=0, description="bytes; larger bodies get 413")
     job_queue_size: int = Field(default=256, ge=1)
-    netty_threads: int = Field(default=0, ge=0, description="0 = TorchServe's default (cores)")
+    # One HTTP event loop is plenty behind the gateway (its 32 keep-alive connections) and cost
+    # less than one per core on 2 cores (`make bench`, README "Tuning"); 0 = TorchServe's default (cores).
+    netty_threads: int = Field(default=1, ge=0, description="netty's HTTP event loops")
+    netty_client_threads: int = Field(default=0, ge=0, description="netty's event loops for the worker sockets; "
+                                      "0 = TorchServe's default (cores)")
     # The gateway's budget. The Java frontend holds every body it is sent (netty's aggregate,
     # then the job's copy), so the heap is sized from what the gateway lets through at once.
     max_inflight: int = Field(default=64, ge=1, description="requests past the gateway at once; more -> 503")
@@ -163,14 +167,18 @@ class ServeSettings(BaseModel):
             "job_queue_size": self.job_queue_size,
             # A heap exhausted anyway exits at once; the launcher's supervisor starts a new server.
             # C1 only (TieredStopAtLevel=1): C2's compiler threads cost more CPU per request than the
-            # frontend's own work for minutes after a start on a 2-core host (`make bench`, README).
-            "vmargs": f"-Xmx{self.heap_mb}m -XX:+ExitOnOutOfMemoryError -XX:TieredStopAtLevel=1 "
+            # frontend's own work for minutes after a start on a 2-core host. The serial collector
+            # (what the JVM itself picks below 2 cores or 1.8 GB): G1's concurrent threads cost more
+            # per request than its pauses save at this heap size (`make bench`, README "Tuning").
+            "vmargs": f"-Xmx{self.heap_mb}m -XX:+ExitOnOutOfMemoryError -XX:TieredStopAtLevel=1 -XX:+UseSerialGC "
                       f"-Duser.dir={self.ts_key_file.parent}"
                       + (f" -Djava.library.path={self.java_library_path}" if self.java_library_path else "")
                       + (f" {self.jvm_options.strip()}" if self.jvm_options.strip() else ""),
         }
         if self.netty_threads:
             lines["number_of_netty_threads"] = self.netty_threads
+        if self.netty_client_threads:
+            lines["netty_client_threads"] = self.netty_client_threads
         return "".join(f"{k}={v}\n" for k, v in lines.items())
 
     def log4j2(self) -> str:
