@@ -22,6 +22,7 @@ import platform
 import time
 import zipfile
 from pathlib import Path
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, IPvAnyAddress
 
@@ -87,6 +88,8 @@ class ServeSettings(BaseModel):
     routine_logs: bool = Field(default=False, description="TorchServe's per-request and per-batch INFO lines "
                                "(responses sent, batch timings, each metric line echoed); off by default, "
                                "lifecycle lines stay either way")
+    java_gc: Literal["serial", "g1"] = Field(default="serial", description="the JVM's collector: serial on a "
+                                             "small host (2 cores), g1 on a large one")
     jvm_options: str = Field(default="", pattern=r"^[-A-Za-z0-9:+=._ ]*$", description="extra JVM flags")
     java_library_path: Path | None = Field(
         default=None, description="netty's native transports, extracted beforehand (extract_netty_native); "
@@ -170,7 +173,8 @@ class ServeSettings(BaseModel):
             # frontend's own work for minutes after a start on a 2-core host. The serial collector
             # (what the JVM itself picks below 2 cores or 1.8 GB): G1's concurrent threads cost more
             # per request than its pauses save at this heap size (`make bench`, README "Tuning").
-            "vmargs": f"-Xmx{self.heap_mb}m -XX:+ExitOnOutOfMemoryError -XX:TieredStopAtLevel=1 -XX:+UseSerialGC "
+            "vmargs": f"-Xmx{self.heap_mb}m -XX:+ExitOnOutOfMemoryError -XX:TieredStopAtLevel=1 "
+                      f"-XX:+Use{'Serial' if self.java_gc == 'serial' else 'G1'}GC "
                       f"-Duser.dir={self.ts_key_file.parent}"
                       + (f" -Djava.library.path={self.java_library_path}" if self.java_library_path else "")
                       + (f" {self.jvm_options.strip()}" if self.jvm_options.strip() else ""),
