@@ -24,7 +24,7 @@ from typing import Any
 
 from handlers import constants as C
 from serving import launcher, proccpu
-from serving.load import load_bodies, wrk_level
+from serving.load import load_bodies, write_json, wrk_level
 from serving.settings import ServeSettings, read_keys
 from training.sources import default_data_dir
 
@@ -135,9 +135,7 @@ def main(argv: list[str] | None = None) -> int:
         m = result[side]
         print(f"{side}: {m['rps']} req/s; CPU ms/req {m['cpu_ms']}; JVM threads {m['threads_ms']}")
     print(f"B - A (ms/req): {result['b_minus_a_ms']}; B lower in {result['b_lower_in']} slice pairs")
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=1))
+    write_json(args.json, result)
     return 0
 
 

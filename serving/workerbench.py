@@ -39,7 +39,7 @@ import psutil
 from handlers import constants as C
 from handlers.torchserve import read_manifest, read_model_config
 from serving import limit
-from serving.load import load_bodies
+from serving.load import load_bodies, write_json
 from training.sources import default_data_dir
 
 HEADERS = {"Authorization": "Bearer " + "k" * 32, "explain": "False", "Host": "localhost",
@@ -266,9 +266,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     result = bench(mars, load_bodies(args.data_dir, args.images), args.batch, args.rounds, args.seconds)
     print(json.dumps({k: v for k, v in result.items() if k != "rows"}, indent=1))
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=1))
+    write_json(args.json, result)
     return 0
 
 
