@@ -80,10 +80,10 @@ predict-offline: setup ## IMAGE=chest.jpeg: label, P(PNEUMONIA) and each class's
 ood: setup ## non-radiographs made by code, border cases and SPLIT's radiographs through the live endpoint -> reports/ood/
 	$(PY) -m serving.ood_report --url $(URL) --split $(SPLIT)
 
-bench: setup ## honest limit vs the live endpoint: closed + open loop, server CPU by role -> reports/bench.md (QUICK=1; START=1 starts/stops the server)
+bench: setup ## honest limit vs the live endpoint: closed + open loop, server CPU by role, profile -> reports/bench.md (QUICK=1; START=1 starts/stops the server; PORT_BASE=N)
 	@command -v wrk >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk; } \
 	  || echo "wrk unavailable: the async httpx client loads the endpoint (it needs a core of its own)"
-	$(PY) -m serving.bench $(if $(QUICK),--quick,) $(if $(START),--start,)
+	$(PY) -m serving.bench $(if $(QUICK),--quick,) $(if $(START),--start,) $(if $(PORT_BASE),--port-base $(PORT_BASE),)
 
 chaos: setup ## issue 12's attacks against the live server (`make serve` first) -> reports/chaos.md (QUICK=1: lighter)
 	@command -v wrk >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk; } \

@@ -79,7 +79,9 @@ def request_fields(request: dict, content_type: Any) -> dict:
 
 
 def header(headers: dict[str, Any], name: str) -> Any:
-    """A request header, whatever the case the client wrote it in."""
+    """A request header (`name` in lower case), whatever the case the client wrote it in."""
+    if name in headers:
+        return headers[name]
     return next((v for k, v in headers.items() if str(k).lower() == name), None)
 
 
@@ -126,6 +128,7 @@ def operating_point(request: dict, headers: dict[str, Any], card: ModelCard) -> 
 
 def read_request(index: int, request: dict, headers: dict[str, Any], card: ModelCard) -> XrayRequest:
     """Decode one request on its own; whatever is wrong with it becomes its error, never the batch's."""
+    headers = {str(k).lower(): v for k, v in headers.items()}  # once, not per header looked up
     r = XrayRequest(index, explain=str(header(headers, EXPLAIN_HEADER)) == "True")
     try:
         fields = request_fields(request, header(headers, CONTENT_TYPE_HEADER))

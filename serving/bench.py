@@ -1,8 +1,9 @@
 """make bench: the served endpoint against the machine's honest limit, in one run.
 
-    python -m serving.bench [--quick] [--start] [--url INFERENCE_URL] [--metrics-url METRICS_URL]
-                            [--state-dir .serve] [--seconds 10] [--concurrency 1,8,32,64]
-                            [--rates 0.25,0.5,...] [--mar model_store/xray.mar] [--out reports]
+    python -m serving.bench [--quick] [--start] [--port-base N] [--url INFERENCE_URL]
+                            [--metrics-url METRICS_URL] [--state-dir .serve] [--seconds 10]
+                            [--concurrency 1,8,32,64] [--rates 0.25,0.5,...] [--profile-seconds 10]
+                            [--mar model_store/xray.mar] [--out reports]
 
 1. The honest limit (serving.limit): the handler's own pipeline (handlers.preprocess, the
    handlers.backends runner, batches of the archive's batch size) in one process per server
@@ -15,6 +16,9 @@
 4. CPU per request of the server's processes, by role (serving.proccpu: gateway, Java
    frontend, Python workers, found from the launcher's pid file and its children), against the
    in-process CPU ms per image: a ratio that holds on a shared, noisy machine.
+5. Profile (serving.profile), after everything measured: py-spy over the Python workers and the
+   JVM's flight recorder over the frontend, during one more closed-loop level: where each role's
+   time goes, by stage, beside its CPU per request.
 
 Writes OUT/bench.json and OUT/bench.md. Numbers depend on the machine and its load; nothing
 here is asserted (targets are reported as met or not).
@@ -33,12 +37,14 @@ import tempfile
 import time
 import zipfile
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 from handlers import constants as C
 from handlers.torchserve import read_manifest, read_model_config
 from serving import launcher, limit, openloop, proccpu
+from serving import profile as prof
 from serving.client import XrayClient, XrayError
 from serving.load import batch_counts, endpoint_level, load_bodies, wrk_level
 from serving.settings import ServeSettings, token
@@ -52,7 +58,8 @@ LATENCY_FACTOR, LATENCY_SLACK_MS = 1.5, 5.0
 P99_TARGET_MS = openloop.P99_TARGET_MS
 DEFAULT_RATES = (0.25, 0.5, 0.65, 0.8, 0.9, 1.0, 1.1)  # x the best closed-loop req/s
 QUICK = {"seconds": 3.0, "limit_seconds": 3.0, "concurrency": [1, 32], "images": 32,
-         "rates": [0.5, 0.8, 1.0], "warmup": 3.0}
+         "rates": [0.5, 0.8, 1.0], "warmup": 3.0, "profile_seconds": 4.0}
+PROFILE_CONCURRENCY = 32
 
 
 def model_from_mar(mar: Path, into: Path) -> tuple[Path, int | None]:
@@ -147,6 +154,31 @@ def open_loop(args: argparse.Namespace, bodies: list[bytes], best_rps: float, pr
     return openloop.sweep(args.url, requests, sorted(rates), args.seconds, on_level=on_level)
 
 
+def profile_level(args: argparse.Namespace, bodies: list[bytes], root_pid: int | None) -> dict[str, Any]:
+    """One more wrk level while py-spy samples the workers and JFR the frontend (serving.profile)."""
+    if not args.profile_seconds or not root_pid:
+        return {}
+    snap = proccpu.snapshot(root_pid)
+    workers, java = proccpu.pids_of(snap, "workers"), proccpu.pids_of(snap, "frontend")
+    tok = args.token or token("inference", args.key_file)
+    url = f"{args.url.rstrip('/')}/predictions/{C.MODEL_NAME}"
+    seconds = args.profile_seconds
+    stop = cpu_probe(root_pid)()
+    with ThreadPoolExecutor(3) as pool:
+        # wrk starts first and runs a second longer on each side than the recorders.
+        load = pool.submit(wrk_level, url, tok, bodies, PROFILE_CONCURRENCY, seconds + 2)
+        time.sleep(1)
+        workers_f = pool.submit(prof.py_spy, workers, seconds)
+        frontend_f = pool.submit(prof.jfr, java[0] if java else None, seconds)
+        row = load.result()
+        result = {"workers": workers_f.result(), "frontend": frontend_f.result()}
+    cpu = stop(row["requests"] - row["errors"])
+    print(f"profile: {row['throughput_rps']} req/s; workers by stage {result['workers'].get('stages')}; "
+          f"frontend by part {result['frontend'].get('stages')}", flush=True)
+    return result | {"seconds": seconds, "concurrency": PROFILE_CONCURRENCY, "rps": row["throughput_rps"],
+                     "server_cpu_ms": cpu.get("server_cpu_ms"), "frontend_threads_ms": cpu.get("frontend_threads_ms")}
+
+
 def summarize(lim: dict[str, Any], single: dict[str, Any], closed: list[dict[str, Any]],
               opened: list[dict[str, Any]]) -> dict[str, Any]:
     """The headline figures and ratios (pure: the tests check it on hand-made rows)."""
@@ -190,8 +222,11 @@ def markdown(result: dict[str, Any]) -> str:
              f"images cycled; {result['when']}; load average at start {result['loadavg']}; `{result['command']}`", "",
              "## Summary", "",
              "| figure | value | target |", "|---|---:|---|",
-             f"| honest limit (in-process, {lim['processes']} x {lim['threads']} thread) | "
-             f"{lim['throughput_rps']} img/s, {lim['cpu_ms_per_image']} CPU ms/img | |",
+             f"| honest limit (in-process, {lim['processes']} x {lim['threads']} thread; mean of a run before "
+             "and one after the endpoint) | "
+             f"{lim['throughput_rps']} img/s, {lim['cpu_ms_per_image']} CPU ms/img (runs: "
+             + ", ".join(f"{r['throughput_rps']} img/s and {r['cpu_ms_per_image']} ms" for r in lim.get("runs", []))
+             + ") | |",
              f"| best closed-loop throughput | {_f(s.get('best_rps'))} req/s (concurrency "
              f"{_f(s.get('best_concurrency'))}) = **{_f(s.get('throughput_ratio'))}x** the limit | >= "
              f"{THROUGHPUT_TARGET}x: {'met' if s.get('throughput_ok') else 'NOT met'} |",
@@ -238,6 +273,8 @@ def markdown(result: dict[str, Any]) -> str:
     if late > 5:
         lines += ["", f"The open-loop generator woke up to {late} ms late (p99) for its sends: the host was busy. "
                   "Latencies still count from the scheduled times, so lateness shows as latency, never hides it."]
+    if result.get("profile"):
+        lines += ["", *prof.markdown(result["profile"])]
     lines += ["", f"Server processes found from the launcher's pid file: {result['server_processes']}. CPU is user + "
               "system time from /proc over each level, divided by the requests of that level; the in-process "
               "limit's CPU comes from its processes' own clocks. Client, server and limit share this machine's "
@@ -281,22 +318,32 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
         workers = args.workers or found.get("workers") or config.get("minWorkers") or C.WORKERS
         threads = args.threads if args.threads is not None else (config.get("handler") or {}).get(
             "threads", C.WORKER_THREADS)
-        print(f"limit: {model.name}, {workers} process(es) x {threads} thread(s), batch {batch}, "
-              f"{args.limit_seconds:g} s", flush=True)
-        lim = limit.parallel_limit(model, bodies, batch, workers, threads, args.limit_seconds)
+
+        def measure_limit(when: str) -> dict[str, Any]:
+            print(f"limit ({when}): {model.name}, {workers} process(es) x {threads} thread(s), batch {batch}, "
+                  f"{args.limit_seconds:g} s", flush=True)
+            lim = limit.parallel_limit(model, bodies, batch, workers, threads, args.limit_seconds)
+            print(f"limit ({when}): {lim['throughput_rps']} img/s, {lim['cpu_ms_per_image']} CPU ms/img", flush=True)
+            return lim
+
+        first = measure_limit("before the endpoint")
         single = limit.single_image(model, bodies, threads)
-    print(f"limit: {lim['throughput_rps']} img/s, {lim['cpu_ms_per_image']} CPU ms/img; single image p50 "
-          f"{single['p50_ms']} ms", flush=True)
-    warm_up(args, bodies)
-    probe = cpu_probe(root_pid)
-    closed = closed_loop(args, bodies, probe)
-    best = max((r["throughput_rps"] for r in closed), default=lim["throughput_rps"])
-    opened = open_loop(args, bodies, best, probe) if args.rates or args.rates_rps else []
+        print(f"single image p50 {single['p50_ms']} ms", flush=True)
+        warm_up(args, bodies)
+        probe = cpu_probe(root_pid)
+        closed = closed_loop(args, bodies, probe)
+        best = max((r["throughput_rps"] for r in closed), default=first["throughput_rps"])
+        opened = open_loop(args, bodies, best, probe) if args.rates or args.rates_rps else []
+        # Measured again after the endpoint, so that a change in the host's load between the two
+        # shows (both runs are reported) and the ratios use their mean.
+        lim = limit.average([first, measure_limit("after the endpoint")])
+    profile = profile_level(args, bodies, root_pid)
     result = {"url": args.url, "model": str(model), "when": time.strftime("%Y-%m-%d %H:%M:%S"),
               "command": "python -m serving.bench " + " ".join(args.argv),
               "loadavg": [round(x, 2) for x in os.getloadavg()],
               "distinct_images": len(bodies), "seconds": args.seconds, "server_processes": found,
-              "limit": lim, "single_image": single, "closed_loop": closed, "open_loop": opened}
+              "limit": lim, "single_image": single, "closed_loop": closed, "open_loop": opened,
+              "profile": profile}
     result["summary"] = summarize(lim, single, closed, opened)
     return result
 
@@ -309,6 +356,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--state-dir", type=Path, help="the launcher's state dir (pid file, key file); default .serve")
     p.add_argument("--pid", type=int, help="root pid of the server's process tree (default: the launcher's pid file)")
     p.add_argument("--start", action="store_true", help="start the server (default settings) and stop it after")
+    p.add_argument("--port-base", type=int, help="the server's ports: inference N, metrics N+1, gRPC N+2 and "
+                   "N+3, worker sockets N+4 (default: the launcher's defaults)")
+    p.add_argument("--profile-seconds", type=float, default=10, help="seconds of py-spy + JFR at the end (0: none)")
     p.add_argument("--load", choices=["wrk", "httpx"], default="wrk" if shutil.which("wrk") else "httpx",
                    help="closed-loop generator: wrk (default where installed) or the project's async httpx client")
     p.add_argument("--requests", type=int, default=100_000, help="httpx load: at most this many requests per level")
@@ -337,7 +387,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         for k, v in QUICK.items():
             if k not in given:
                 setattr(args, k, v)
-    settings = ServeSettings(**({"state_dir": args.state_dir} if args.state_dir else {})).resolved()
+    given: dict[str, Any] = {"state_dir": args.state_dir} if args.state_dir else {}
+    if args.port_base:
+        given |= dict(zip(("inference_port", "metrics_port", "grpc_inference_port", "grpc_management_port",
+                           "initial_worker_port"), range(args.port_base, args.port_base + 5), strict=True))
+    settings = ServeSettings(**given).resolved()
     args.settings = settings
     args.url = args.url or settings.inference_url
     args.metrics_url = args.metrics_url or settings.metrics_url

@@ -66,6 +66,17 @@ def combine(parts: list[dict[str, float]]) -> dict[str, float]:
             "cpu_s": round(cpu, 3), "wall_s": round(max((p["wall_s"] for p in parts), default=0.0), 3)}
 
 
+def average(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Several limit runs (the same layout at different moments) -> their mean img/s and CPU ms per
+    image, the runs beside."""
+    out = dict(runs[0])
+    for key in ("throughput_rps", "cpu_ms_per_image"):
+        out[key] = round(sum(r[key] for r in runs) / len(runs), 3)
+    out["runs"] = [{k: r[k] for k in ("throughput_rps", "cpu_ms_per_image", "images", "wall_s")} for r in runs]
+    out.pop("per_process", None)
+    return out
+
+
 def parallel_limit(model: Path, bodies: list[bytes], batch_size: int, processes: int, threads: int,
                    seconds: float, backend: str | None = None) -> dict[str, Any]:
     """`processes` spawned pipelines of `threads` ORT threads each, side by side for `seconds`."""

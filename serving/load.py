@@ -33,6 +33,13 @@ def percentiles_ms(latencies_s: list[float], qs: tuple[int, ...] = (50, 95, 99))
         "mean": round(float(ms.mean()), 2), "max": round(float(ms.max()), 2)}
 
 
+def write_json(path: Path | None, doc: Any) -> None:
+    """A tool's result as JSON at PATH (its folder made), when one was asked for."""
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(doc, indent=1))
+
+
 def npy_bytes(arr: np.ndarray) -> bytes:
     buf = io.BytesIO()
     np.save(buf, arr, allow_pickle=False)

@@ -22,6 +22,7 @@ import platform
 import time
 import zipfile
 from pathlib import Path
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, IPvAnyAddress
 
@@ -36,6 +37,13 @@ LOG_FILES = ("access_log", "model_log", "model_metrics", "ts_log", "ts_metrics")
 LOGGERS = (("ACCESS_LOG", "info", "access_log"), ("MODEL_LOG", "info", "model_log"),
            ("MODEL_METRICS", "info", "model_metrics"), ("org.pytorch.serve", "info", "ts_log"),
            ("TS_METRICS", "info", "ts_metrics"))
+
+# TorchServe's frontend logs, at INFO, a line per response sent, two per batch (its timing) and an echo
+# of every metric line a worker prints; the raw message (before formatting) is matched, so a dropped
+# line costs no formatting. Lifecycle lines (workers started, died, retried) stay.
+ROUTINE_MESSAGES = ("Sending response for jobId", "result=", "Looping backend response at", "Backend response time")
+ROUTINE_FILTER = ('<RegexFilter regex="^(' + "|".join(m.replace(" ", "\\s") for m in ROUTINE_MESSAGES)
+                  + ').*" useRawMsg="true" onMatch="DENY" onMismatch="NEUTRAL"/>')
 
 
 class ServeSettings(BaseModel):
@@ -55,7 +63,11 @@ class ServeSettings(BaseModel):
     log_dir: Path = C.LOG_DIR.relative_to(REPO_ROOT)
     max_request_size: int = Field(default=16 * 1024 * 1024, gt=0, description="bytes; larger bodies get 413")
     job_queue_size: int = Field(default=256, ge=1)
-    netty_threads: int = Field(default=0, ge=0, description="0 = TorchServe's default (cores)")
+    # One HTTP event loop is plenty behind the gateway (its 32 keep-alive connections) and cost
+    # less than one per core on 2 cores (`make bench`, README "Tuning"); 0 = TorchServe's default (cores).
+    netty_threads: int = Field(default=1, ge=0, description="netty's HTTP event loops")
+    netty_client_threads: int = Field(default=0, ge=0, description="netty's event loops for the worker sockets; "
+                                      "0 = TorchServe's default (cores)")
     # The gateway's budget. The Java frontend holds every body it is sent (netty's aggregate,
     # then the job's copy), so the heap is sized from what the gateway lets through at once.
     max_inflight: int = Field(default=64, ge=1, description="requests past the gateway at once; more -> 503")
@@ -71,6 +83,14 @@ class ServeSettings(BaseModel):
                                     "(env XRAY_TOKEN_FILE); None: one is generated into key_file")
     log_max_mb: int = Field(default=10, ge=1, description="each log file rolls over at this size")
     log_backups: int = Field(default=5, ge=1)
+    # Levers measured with `make bench` / serving.abtest (README, "Tuning").
+    access_log: bool = Field(default=True, description="TorchServe's access log: one line per request")
+    routine_logs: bool = Field(default=False, description="TorchServe's per-request and per-batch INFO lines "
+                               "(responses sent, batch timings, each metric line echoed); off by default, "
+                               "lifecycle lines stay either way")
+    java_gc: Literal["serial", "g1"] = Field(default="serial", description="the JVM's collector: serial on a "
+                                             "small host (2 cores), g1 on a large one")
+    jvm_options: str = Field(default="", pattern=r"^[-A-Za-z0-9:+=._ ]*$", description="extra JVM flags")
     java_library_path: Path | None = Field(
         default=None, description="netty's native transports, extracted beforehand (extract_netty_native); "
         "None: netty extracts them into TEMP at each start, which fails where TEMP is mounted noexec")
@@ -150,13 +170,19 @@ class ServeSettings(BaseModel):
             "job_queue_size": self.job_queue_size,
             # A heap exhausted anyway exits at once; the launcher's supervisor starts a new server.
             # C1 only (TieredStopAtLevel=1): C2's compiler threads cost more CPU per request than the
-            # frontend's own work for minutes after a start on a 2-core host (`make bench`, README).
+            # frontend's own work for minutes after a start on a 2-core host. The serial collector
+            # (what the JVM itself picks below 2 cores or 1.8 GB): G1's concurrent threads cost more
+            # per request than its pauses save at this heap size (`make bench`, README "Tuning").
             "vmargs": f"-Xmx{self.heap_mb}m -XX:+ExitOnOutOfMemoryError -XX:TieredStopAtLevel=1 "
+                      f"-XX:+Use{'Serial' if self.java_gc == 'serial' else 'G1'}GC "
                       f"-Duser.dir={self.ts_key_file.parent}"
-                      + (f" -Djava.library.path={self.java_library_path}" if self.java_library_path else ""),
+                      + (f" -Djava.library.path={self.java_library_path}" if self.java_library_path else "")
+                      + (f" {self.jvm_options.strip()}" if self.jvm_options.strip() else ""),
         }
         if self.netty_threads:
             lines["number_of_netty_threads"] = self.netty_threads
+        if self.netty_client_threads:
+            lines["netty_client_threads"] = self.netty_client_threads
         return "".join(f"{k}={v}\n" for k, v in lines.items())
 
     def log4j2(self) -> str:
@@ -168,8 +194,11 @@ class ServeSettings(BaseModel):
             '   <PatternLayout pattern="%d{ISO8601} [%-5p] %t %c - %m%n"/>\n'
             f'   <Policies><SizeBasedTriggeringPolicy size="{self.log_max_mb} MB"/></Policies>\n'
             f'   <DefaultRolloverStrategy max="{self.log_backups}"/>\n  </RollingFile>\n' for name in LOG_FILES)
-        loggers = "".join(f'  <Logger name="{logger}" level="{level}" additivity="false">'
-                          f'<AppenderRef ref="{name}"/></Logger>\n' for logger, level, name in LOGGERS)
+        levels = {"ACCESS_LOG": "info" if self.access_log else "off"}
+        routine = "" if self.routine_logs else ROUTINE_FILTER
+        loggers = "".join(f'  <Logger name="{logger}" level="{levels.get(logger, level)}" additivity="false">'
+                          f'{routine if logger == "org.pytorch.serve" else ""}<AppenderRef ref="{name}"/></Logger>\n'
+                          for logger, level, name in LOGGERS)
         return ('<?xml version="1.0" encoding="UTF-8"?>\n<Configuration>\n <Appenders>\n'
                 f'{appenders} </Appenders>\n <Loggers>\n{loggers}'
                 '  <Logger name="io.netty" level="error"/>\n  <Logger name="org.apache" level="off"/>\n'

@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from serving import limit, openloop, proccpu
+from serving import limit, openloop, proccpu, profile
 from serving.bench import summarize
 
 
@@ -139,3 +139,57 @@ def test_goodput_and_summary_ratios() -> None:
     assert s["cpu_ratio_without_jit"] == pytest.approx(1.5)
     assert s["goodput_rps"] == 200 and s["goodput_ratio"] == pytest.approx(0.2)
     assert s["latency_budget_ms"] == pytest.approx(8.0) and s["latency_ok"]
+
+
+def test_worker_samples_are_folded_into_stages() -> None:
+    raw = ("<module> (ts/model_service_worker.py:290);handle_connection (ts/model_service_worker.py:190);"
+           "TorchModelServiceWorker.handle_connection (/x/site-packages/ts/model_service_worker.py:191) 5\n"
+           "<module> (ts/model_service_worker.py:290);Service.predict (/x/site-packages/ts/service.py:135);"
+           "XrayHandler.inference (/m/handlers/xray_handler.py:80);OnnxRunner.run (/m/handlers/backends.py:101);"
+           "Session.run (/x/site-packages/onnxruntime/capi/onnxruntime_inference_collection.py:266) 60\n"
+           "<module> (a.py:1);XrayHandler.preprocess (/m/handlers/xray_handler.py:70);"
+           "read_request (/m/handlers/request.py:135);preprocess (/tmp/models/abc/handlers/preprocess.py:300);"
+           "_decode_pil (/tmp/models/abc/handlers/preprocess.py:90) 25\n"
+           "<module> (a.py:1);XrayHandler._metric (/m/handlers/xray_handler.py:150);"
+           "Logger.info (/usr/lib/python3.11/logging/__init__.py:1489) 10\n"
+           "garbage line\n")
+    samples = profile.parse_pyspy_raw(raw)
+    assert len(samples) == 4
+    assert samples[1][0][0] == "Session.run (onnxruntime/capi/onnxruntime_inference_collection.py)"
+    folded = profile.fold_workers(samples)
+    assert folded["samples"] == 100
+    assert folded["stages"] == {"model (onnxruntime / torch)": 60.0,
+                                "image decode + resize (handlers.preprocess)": 25.0,
+                                "metrics and logging lines": 10.0, "TorchServe worker loop (socket send)": 5.0}
+
+
+def test_jvm_samples_are_folded_into_frontend_parts() -> None:
+    text = """
+jdk.ExecutionSample {
+  startTime = 12:16:13.210
+  sampledThread = "W-18211-xray_1.0-c1f06ec0-stdout" (javaThreadId = 23)
+  state = "STATE_RUNNABLE"
+  stackTrace = [
+    org.apache.logging.log4j.core.Logger.log(Level, String) line: 162
+    org.apache.logging.slf4j.Log4jLogger.info(String) line: 1
+    org.pytorch.serve.wlm.WorkerLifeCycle$ReaderThread.run() line: 300
+  ]
+}
+
+jdk.ExecutionSample {
+  sampledThread = "epollEventLoopGroup-3-1" (javaThreadId = 31)
+  stackTrace = [
+    io.netty.handler.codec.http.HttpObjectDecoder.decode(ChannelHandlerContext, ByteBuf, List) line: 1
+    io.netty.channel.epoll.EpollEventLoop.run() line: 2
+    ...
+  ]
+}
+"""
+    samples = profile.parse_jfr_samples(text)
+    assert [s[0][-1] for s in samples] == ["thread:W-N-xray_N.N-cNfNecN-stdout", "thread:epollEventLoopGroup-N-N"]
+    folded = profile.fold_frontend(samples)
+    assert folded["stages"] == {"log4j (log lines)": 50.0, "HTTP decode (netty)": 50.0}
+    assert folded["threads"]["epollEventLoopGroup-N-N"] == 50.0
+    md = "\n".join(profile.markdown({"seconds": 5, "concurrency": 32, "workers": {"error": "no py-spy"},
+                                     "frontend": folded, "server_cpu_ms": {"workers": 1.5}}))
+    assert "not profiled (no py-spy)" in md and "| log4j (log lines) | 50.0 |" in md

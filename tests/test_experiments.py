@@ -83,9 +83,12 @@ def test_publish_keeps_written_conclusions(tmp_path: Path) -> None:
     assert "| loss-bce | bce | mlp/bce@64px | 10 | 0,1 |" in md and "0.8500 ± 0.0707" in md
     assert (docs / "plots" / "loss_curves.png").stat().st_size > 1000
     out.write_text(md.replace("*Conclusion:* not written yet.", "BCE wins by 0.15.")
-                   .replace("<!-- written: overview -->\n", "<!-- written: overview -->\nWhy we differ.\n"))
+                   .replace("<!-- written: overview -->\n", "<!-- written: overview -->\nWhy we differ.\n")
+                   .replace(f"<!-- written: {experiments.TUNING} -->\n*Not written yet.*",
+                            f"<!-- written: {experiments.TUNING} -->\nEMA paid."))
     md = experiments.publish(reports, docs).read_text()
     assert "BCE wins by 0.15." in md and "Why we differ." in md and "not written yet" not in md
+    assert "EMA paid." in md and "Not written yet" not in md
     assert json.loads((reports / "experiments.json").read_text())["studies"]["loss"]["results"][0]["name"] == \
         "loss-bce-s0"
 

@@ -15,7 +15,7 @@ from training import experiments
 from training.checkpoint import load_checkpoint
 from training.metrics import binary_metrics
 from training.models import ARCHS, arch_args, build_model
-from training.train import TrainConfig, load_data, predict, train
+from training.train import TrainConfig, ema_step, load_data, predict, train
 
 
 def tiny_config(data_dir: Path, out_dir: Path, **kw: Any) -> TrainConfig:
@@ -110,6 +110,48 @@ def test_run_outputs(tiny_run: dict) -> None:
     assert (run_dir / "curves.png").stat().st_size > 1000
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["val"] == tiny_run["val"] and "history" not in metrics
+
+
+def test_ema_ships_the_average(data_dir: Path, tiny_data: dict[str, Any], tiny_run: dict, tmp_path: Path) -> None:
+    """With ema the checkpoint holds the averaged weights (not the last step's), the card's figures are
+    theirs, and the run repeats bit for bit."""
+    runs = [train(tiny_config(data_dir, tmp_path / d, ema=0.99), tiny_data) for d in ("a", "b")]
+    states = [torch.load(r["checkpoint"], weights_only=True)["state_dict"] for r in runs]
+    for k, v in states[0].items():
+        assert torch.equal(v, states[1][k]), k
+    plain = torch.load(tiny_run["checkpoint"], weights_only=True)["state_dict"]
+    assert any(not torch.equal(v, plain[k]) for k, v in states[0].items() if v.is_floating_point())
+    card, model, _ = load_checkpoint(runs[0]["checkpoint"])
+    val = tiny_data["val"]
+    _, logits = predict(model, val.x, card.head)
+    prob = calibrated(margin_of(logits.numpy(), card.head), card.calibration)
+    assert binary_metrics(val.y.numpy(), prob, card.threshold)["roc_auc"] == pytest.approx(card.val_metrics["roc_auc"])
+
+
+def test_ema_step_ramps_up_then_holds() -> None:
+    step = ema_step(0.99)
+    avg, cur = torch.zeros(3), torch.ones(3)
+    # after n updates the decay is min(0.99, (1 + n) / (10 + n)): 0.1 at the first, 0.99 from n = 890
+    assert step(avg, cur, torch.tensor(0))[0].item() == pytest.approx(0.9)
+    assert step(avg, cur, torch.tensor(2000))[0].item() == pytest.approx(0.01)
+    counter = torch.tensor(5)
+    assert step(torch.tensor(1), counter, torch.tensor(7)) is counter  # BatchNorm's step count is copied
+
+
+def test_xraynet_blocks_of_several_convolutions() -> None:
+    """convs adds convolutions inside blocks: the output side is the same, Grad-CAM still reads block 3's
+    maps (side / 8, widths[2] channels), and features then head is the model."""
+    x = torch.randn(2, 1, 64, 64)
+    for convs in (None, [1, 1, 1, 2, 2], [2, 1, 3, 1, 2]):
+        model = build_model("xraynet", "bce", 64, {"convs": convs} if convs else {}).eval()
+        n_conv = sum(isinstance(m, torch.nn.Conv2d) for m in model.modules())
+        assert n_conv == (sum(convs) if convs else 5)
+        with torch.no_grad():
+            feats = model.forward_features(x)
+            assert feats.shape == (2, 32, 8, 8)
+            torch.testing.assert_close(model.forward_head(feats), model(x))
+    with pytest.raises(ValueError, match="convs"):
+        build_model("xraynet", "bce", 64, {"convs": [1, 1, 0, 1, 1]})
 
 
 def result(name: str, val_auc: float, val_bal: float, test_auc: float) -> dict[str, Any]:

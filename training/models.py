@@ -4,7 +4,7 @@
     bn_mlp   deeper MLP: [Linear, BatchNorm1d, ReLU, Dropout] x 4 -> Linear
     cnn      course CNN: 3 x [Conv 32 3x3, ReLU, MaxPool p] -> FC 32 -> out
     gap_cnn  the same conv stack -> AdaptiveAvgPool2d(1) -> FC 32 -> out
-    xraynet  ours: 5 x [Conv 3x3, BatchNorm, ReLU, MaxPool 2], 8..128 channels -> GAP -> out
+    xraynet  ours: 5 x [[Conv 3x3, BatchNorm, ReLU] x convs, MaxPool 2], 8..128 channels -> GAP -> out
 """
 
 from __future__ import annotations
@@ -72,21 +72,29 @@ class CourseCNN(nn.Module):
 
 
 class XrayNet(nn.Module):
-    """Our small CNN: BatchNorm conv blocks halve the side and double the width, then GAP."""
+    """Our small CNN: BatchNorm conv blocks halve the side and double the width, then GAP.
+    CONVS gives each block's number of 3x3 convolutions (default one each): depth where the maps
+    are small is cheap."""
 
     def __init__(self, input_size: int, n_out: int, widths: tuple[int, ...] = (8, 16, 32, 64, 128),
-                 dropout: float = 0.2) -> None:
+                 dropout: float = 0.2, convs: tuple[int, ...] | None = None) -> None:
         super().__init__()
         if input_size < 2 ** len(widths):
             raise ValueError(f"input {input_size} px is too small for {len(widths)} blocks")
+        convs = tuple(convs) if convs is not None else (1,) * len(widths)
+        if len(convs) != len(widths) or min(convs) < 1:
+            raise ValueError(f"convs {convs} must give each of the {len(widths)} blocks at least one convolution")
         blocks: list[nn.Module] = []
-        c_in = 1
-        for w in widths:
-            blocks += [nn.Conv2d(c_in, w, 3, padding=1, bias=False), nn.BatchNorm2d(w),
-                       nn.ReLU(inplace=True), nn.MaxPool2d(2)]
-            c_in = w
+        c_in, cam_split = 1, 0
+        for i, (w, n) in enumerate(zip(widths, convs, strict=True)):
+            for _ in range(n):
+                blocks += [nn.Conv2d(c_in, w, 3, padding=1, bias=False), nn.BatchNorm2d(w), nn.ReLU(inplace=True)]
+                c_in = w
+            blocks.append(nn.MaxPool2d(2))
+            if i < 3:
+                cam_split = len(blocks)
         self.features = nn.Sequential(*blocks)
-        self.cam_split: Final[int] = 4 * min(3, len(widths))  # 4 layers a block
+        self.cam_split: Final[int] = cam_split  # the layers up to the end of block 3
         self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Dropout(dropout),
                                   nn.Linear(c_in, n_out))
 

@@ -16,12 +16,14 @@ import copy
 import json
 import random
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field
+from torch.optim.swa_utils import AveragedModel
 from tqdm import tqdm
 
 from handlers.backends import pneumonia_probability
@@ -57,6 +59,8 @@ class TrainConfig(BaseModel):
     gamma: float = Field(default=0.5, gt=0)
     balance: Literal["loss", "none"] = "loss"
     augment: bool = True
+    ema: float = Field(default=0.0, ge=0, lt=1, description="EMA decay of the weights per step; 0 = off")
+    label_smoothing: float = Field(default=0.0, ge=0, lt=1)
     select: Literal["roc_auc", "balanced_accuracy", "accuracy", "loss"] = "roc_auc"
     patience: int = Field(default=0, ge=0, description="early-stopping patience in epochs; 0 = off")
     tune_threshold: bool = True
@@ -94,11 +98,15 @@ def make_criterion(cfg: TrainConfig, y_train: torch.Tensor) -> torch.nn.Module:
         pos_weight = counts[0] / counts[1] if cfg.balance == "loss" else torch.tensor(1.0)
         return torch.nn.BCEWithLogitsLoss(pos_weight=pos_weight.reshape(1))
     weight = counts.sum() / (2 * counts) if cfg.balance == "loss" else None
-    return torch.nn.CrossEntropyLoss(weight=weight)
+    return torch.nn.CrossEntropyLoss(weight=weight, label_smoothing=cfg.label_smoothing)
 
 
-def loss_target(cfg: TrainConfig, y: torch.Tensor) -> torch.Tensor:
-    return y.float()[:, None] if cfg.head == "bce" else y
+def loss_target(cfg: TrainConfig, y: torch.Tensor, smooth: bool = False) -> torch.Tensor:
+    """The criterion's target; SMOOTH (training only) pulls a BCE target towards 0.5 by label_smoothing."""
+    if cfg.head == "ce":
+        return y
+    t = y.float()[:, None]
+    return t * (1 - cfg.label_smoothing) + 0.5 * cfg.label_smoothing if smooth else t
 
 
 @torch.no_grad()
@@ -151,10 +159,26 @@ def make_scheduler(cfg: TrainConfig, opt: torch.optim.Optimizer) -> torch.optim.
     return None
 
 
+def ema_step(decay: float) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]:
+    """AveragedModel's update for an exponential moving average whose decay ramps up as
+    min(DECAY, (1 + n) / (10 + n)) after n steps (TensorFlow's ExponentialMovingAverage with
+    num_updates): the random initial weights never dominate a short run, and a long run's average
+    covers about its last tenth until the window reaches 1 / (1 - DECAY) steps."""
+
+    def avg(averaged: torch.Tensor, current: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
+        if not averaged.is_floating_point():  # BatchNorm's step counter
+            return current
+        d = min(decay, (1 + float(n)) / (10 + float(n)))
+        return averaged.lerp(current, 1 - d)
+
+    return avg
+
+
 def train_one_epoch(model: torch.nn.Module, criterion: torch.nn.Module, optimizer: torch.optim.Optimizer,
                     split: datalib.Split, cfg: TrainConfig, generator: torch.Generator, epoch: int = 1,
-                    d: distributed.Dist | None = None) -> dict[str, float]:
+                    d: distributed.Dist | None = None, ema: AveragedModel | None = None) -> dict[str, float]:
     """One pass over the shuffled train split; the running loss and accuracy (dropout, augmentation on).
+    EMA, when given, follows the weights and BatchNorm statistics after every step.
     Under torchrun: this rank's share of the split (DistributedSampler), batch_size / N images a
     step, loss and accuracy summed over all ranks."""
     d = d or distributed.Dist()
@@ -173,10 +197,12 @@ def train_one_epoch(model: torch.nn.Module, criterion: torch.nn.Module, optimize
             x = datalib.augment(x, generator)
         x, y = x.to(d.device), y.to(d.device)
         logits = model(x)
-        loss = criterion(logits, loss_target(cfg, y))
+        loss = criterion(logits, loss_target(cfg, y, smooth=True))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
+        if ema is not None:
+            ema.update_parameters(distributed.unwrap(model))
         total_loss += float(loss.detach()) * len(idx)
         pred = (logits[:, 0] > 0) if cfg.head == "bce" else logits.argmax(1).bool()
         correct += int((pred.long() == y).sum())
@@ -264,6 +290,11 @@ def train(cfg: TrainConfig, data: dict[str, Any] | None = None,
     optimizer = make_optimizer(cfg, model)
     scheduler = make_scheduler(cfg, optimizer)
     generator = distributed.augment_generator(cfg.seed, d)
+    # An exponential moving average of the weights (and BatchNorm statistics): the epoch-to-epoch
+    # swings of a small batch's BatchNorm average out, so validation picks a steadier model. When on,
+    # it is the model that is validated, selected and shipped.
+    ema = AveragedModel(distributed.unwrap(model), avg_fn=ema_step(cfg.ema), use_buffers=True) if cfg.ema else None
+    judged = ema.module if ema is not None else model
 
     history: list[dict[str, Any]] = []
     snaps: list[dict[str, Any]] = []
@@ -273,16 +304,18 @@ def train(cfg: TrainConfig, data: dict[str, Any] | None = None,
                unit="epoch", leave=False) if d.is_main else range(1, cfg.epochs + 1)
     for epoch in bar:
         row: dict[str, Any] = {"epoch": epoch, "lr": optimizer.param_groups[0]["lr"]}
-        row |= train_one_epoch(model, criterion, optimizer, data["train"], cfg, generator, epoch, d)
+        row |= train_one_epoch(model, criterion, optimizer, data["train"], cfg, generator, epoch, d, ema)
         if scheduler:
             scheduler.step()
-        val = evaluate(model, data["val"], cfg, criterion, d=d)
+        if ema is not None:
+            distributed.sync_buffers(ema.module, d)  # each rank's EMA followed its own BatchNorm statistics
+        val = evaluate(judged, data["val"], cfg, criterion, d=d)
         row |= {"val_loss": val["loss"], "val_accuracy": val["accuracy"],
                 "val_balanced_accuracy": val["balanced_accuracy"], "val_roc_auc": val["roc_auc"],
                 "seconds": time.perf_counter() - t0, "best": score(val, cfg.select) > best["score"]}
         if row["best"]:
             best = {"score": score(val, cfg.select), "epoch": epoch,
-                    "state": {k: v.detach().cpu().clone() for k, v in distributed.unwrap(model).state_dict().items()}}
+                    "state": {k: v.detach().cpu().clone() for k, v in distributed.unwrap(judged).state_dict().items()}}
         history.append(row)
         if d.is_main:
             bar.set_postfix(loss=f"{row['train_loss']:.3f}", val_acc=f"{val['accuracy']:.3f}",
@@ -290,7 +323,7 @@ def train(cfg: TrainConfig, data: dict[str, Any] | None = None,
         if epoch in snapshots:
             paused = time.perf_counter()
             states = torch.get_rng_state(), np.random.get_state(), random.getstate()
-            snaps.append(finish(copy.deepcopy(distributed.unwrap(model)), best, list(history), data,
+            snaps.append(finish(copy.deepcopy(distributed.unwrap(judged)), best, list(history), data,
                                 snapshots[epoch], criterion, paused - t0, d))
             torch.set_rng_state(states[0])
             np.random.set_state(states[1])
@@ -298,7 +331,7 @@ def train(cfg: TrainConfig, data: dict[str, Any] | None = None,
             t0 += time.perf_counter() - paused  # the snapshot's finishing is not the long run's training time
         if cfg.patience and epoch - best["epoch"] >= cfg.patience:
             break
-    return finish(model, best, history, data, cfg, criterion, time.perf_counter() - t0, d) | {"snapshots": snaps}
+    return finish(judged, best, history, data, cfg, criterion, time.perf_counter() - t0, d) | {"snapshots": snaps}
 
 
 def _floats(m: dict[str, Any]) -> dict[str, float]:
