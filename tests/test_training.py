@@ -213,7 +213,7 @@ def test_quick_studies_report(data_dir: Path, tmp_path: Path) -> None:
     experiments.main(["--study", "gap_pool", *common])  # merged into the same report
     md = (reports / "experiments.md").read_text()
     data = json.loads((reports / "experiments.json").read_text())["studies"]
-    expected = {"loss": ["loss-bce-s0", "loss-ce-s0"], "gap_pool": ["gap_pool-2-s0", "gap_pool-4-s0"]}
+    expected = {"loss": ["loss-bce-s0", "loss-ce-s0"], "gap_pool": ["gap_pool-2x2x2-s0", "gap_pool-4x2x2-s0"]}
     assert list(data) == ["loss", "gap_pool"]
     for study, runs in expected.items():
         assert f"## {study} (quick, CI-sized)" in md
