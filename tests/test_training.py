@@ -228,4 +228,4 @@ def test_quick_studies_report(data_dir: Path, tmp_path: Path) -> None:
             assert len(r["history"]) == r["epochs_run"]
             assert r["infer_cpu_seconds_test"] > 0 and r["train_cpu_seconds_per_epoch"] > 0
     assert [r["config"]["head"] for r in data["loss"]["results"]] == ["bce", "ce"]
-    assert [r["config"]["arch_args"]["pool"] for r in data["gap_pool"]["results"]] == [2, 4]
+    assert [r["config"]["arch_args"]["pool"] for r in data["gap_pool"]["results"]] == [[2, 2, 2], [4, 2, 2]]
