@@ -26,7 +26,10 @@ from handlers.trust import calibrated, margin_of
 from training.metrics import binary_metrics
 from training.sources import iter_split
 
-TOLERANCE = 1e-5
+# float32 convolutions sum in a different order in ONNX Runtime and in PyTorch: 7 conv layers (issue 17's
+# XrayNet) reached 1.15e-5 on P(pneumonia) for a CI-sized model. Labels must still be identical, and
+# served == offline stays exact (the same runtime on both sides).
+TOLERANCE = 1e-4
 OOD_RTOL = 1e-3
 MIN_IMAGES = 256
 BATCH = 64
