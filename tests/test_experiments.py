@@ -93,6 +93,28 @@ def test_publish_keeps_written_conclusions(tmp_path: Path) -> None:
         "loss-bce-s0"
 
 
+def test_publishing_one_study_keeps_the_others(tmp_path: Path) -> None:
+    """A rerun of one study (its runs alone on disk) republishes that study and leaves the others' tables."""
+    first, second, docs = tmp_path / "r1", tmp_path / "r2", tmp_path / "docs"
+    loss = [fake_run(f"loss-{h}", 0, h, 0.9) for h in ("bce", "ce")]
+    batch = [fake_run("batch-2", 0, "bce", 0.6)]
+    for study, runs in (("loss", loss), ("batch_size", batch)):
+        experiments.write_report({study: {"quick": False, "seconds": 1.0, "results": runs, "command": study,
+                                          "created": "then"}}, first)
+    md = experiments.publish(first, docs).read_text()
+    loss_section = md[md.index("## loss"):md.index("## batch_size")]
+    docs.joinpath("experiments.md").write_text(md.replace("*Conclusion:* not written yet.", "Kept words.", 1))
+    rerun = [fake_run("batch-2", s, "bce", acc) for s, acc in ((0, 0.6), (1, 0.8))]
+    experiments.write_report({"batch_size": {"quick": False, "seconds": 1.0, "results": rerun,
+                                             "command": "batch_size", "created": "now"}}, second)
+    md = experiments.publish(second, docs).read_text()
+    assert md[md.index("## loss"):md.index("## batch_size")] == loss_section.replace(
+        "*Conclusion:* not written yet.", "Kept words.")
+    assert "| batch-2 |  |  | mlp/bce@64px | 10 | 0,1 |" in md and "0.7000 ± 0.1414" in md
+    assert "- [loss](#loss): 2 settings, 2 runs" in md and "- [batch_size](#batch_size): 1 settings, 2 runs" in md
+    assert md.index("## loss") < md.index("## batch_size") < md.index("## xraynet")
+
+
 def test_a_snapshot_is_the_shorter_run(data_dir: Path, tmp_path: Path) -> None:
     """The epochs study reads a k-epoch run from a longer one: that is honest only if the snapshot equals
     a k-epoch run trained on its own, and the long run goes on as if no snapshot were taken."""

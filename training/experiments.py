@@ -523,19 +523,40 @@ def study_section(study: str, entry: dict[str, Any], written: dict[str, str]) ->
     return "\n".join(lines)
 
 
-def render(studies: dict[str, dict[str, Any]], written: dict[str, str] | None = None) -> str:
-    written = written or {}
+def render(studies: dict[str, dict[str, Any]], written: dict[str, str] | None = None,
+           kept: dict[str, tuple[str, str]] | None = None) -> str:
+    """The report. KEPT {study: (index line, section)}: published sections of studies with no run data
+    here, carried over verbatim (a rerun of one study must not drop the others' tables)."""
+    written, kept = written or {}, kept or {}
     head = ["# Experiments: the course's studies at the course's settings", "", INTRO, ""]
     head += ["<!-- written: overview -->", written.get("overview", "").rstrip("\n"), "<!-- /written -->", ""]
-    for study, entry in studies.items():
-        quick = " (quick)" if entry["quick"] else ""
-        n = len(by_setting(entry["results"]))
-        head.append(f"- [{study}](#{study}){quick}: {n} settings, {len(entry['results'])} runs")
-    sections = [study_section(s, e, written) for s, e in studies.items()]
+    sections = []
+    for study in STUDIES:
+        if study in studies:
+            entry = studies[study]
+            quick = " (quick)" if entry["quick"] else ""
+            n = len(by_setting(entry["results"]))
+            head.append(f"- [{study}](#{study}){quick}: {n} settings, {len(entry['results'])} runs")
+            sections.append(study_section(study, entry, written))
+        elif study in kept:
+            head.append(kept[study][0])
+            sections.append(kept[study][1].rstrip("\n") + "\n")
     # How make train's CNN was tuned (our profile, not a course study): written by hand, kept on publish.
     tuning = ["## xraynet: tuning make train's CNN", "", f"<!-- written: {TUNING} -->",
               written.get(TUNING, "*Not written yet.*\n").rstrip("\n"), "<!-- /written -->", ""]
     return "\n".join(head) + "\n\n" + "\n".join(sections) + "\n" + "\n".join(tuning)
+
+
+def published_sections(text: str) -> dict[str, tuple[str, str]]:
+    """A published report's studies: {study: (its index line, its whole section)}."""
+    index = {m[1]: m[0] for m in re.finditer(r"^- \[(\w+)\]\(#\w+\).*$", text, re.M)}
+    parts = re.split(r"^(?=## )", text, flags=re.M)
+    out = {}
+    for part in parts[1:]:
+        study = part[3:].split(maxsplit=1)[0] if part[3:].strip() else ""
+        if study in STUDIES and study in index:
+            out[study] = (index[study], part)
+    return out
 
 
 def load_studies(reports_dir: Path) -> dict[str, dict[str, Any]]:
@@ -561,14 +582,17 @@ def write_report(new: dict[str, dict[str, Any]], reports_dir: Path) -> Path:
 
 
 def publish(reports_dir: Path, docs_dir: Path) -> Path:
-    """REPORTS_DIR's studies -> DOCS_DIR/experiments.md + plots/, keeping the written conclusions there."""
-    studies = load_studies(reports_dir)
+    """REPORTS_DIR's studies -> DOCS_DIR/experiments.md + plots/, keeping the written conclusions there
+    and the sections of studies REPORTS_DIR has no data for. The default set is our profile, not a
+    course study: its figures are the README's and the tuning section's, so it is not published here."""
+    studies = {k: v for k, v in load_studies(reports_dir).items() if k != "default"}
     out = docs_dir / "experiments.md"
-    written = {m["key"]: m["text"] for m in WRITTEN.finditer(out.read_text())} if out.is_file() else {}
+    text = out.read_text() if out.is_file() else ""
+    written = {m["key"]: m["text"] for m in WRITTEN.finditer(text)}
     (docs_dir / "plots").mkdir(parents=True, exist_ok=True)
     for study in studies:
         shutil.copyfile(reports_dir / "plots" / f"{study}_curves.png", docs_dir / "plots" / f"{study}_curves.png")
-    out.write_text(render(studies, written))
+    out.write_text(render(studies, written, published_sections(text)))
     return out
 
 
