@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 from pathlib import Path
 from typing import Any
@@ -154,3 +155,18 @@ def test_trajectories_read_shorter_runs_from_the_longest() -> None:
     ce = longest[experiments.trajectory_key(experiments.ann(head="ce") | {"seed": 0})]
     assert (ce.name, ce.epochs) == ("epochs-ce-100-s0", {10, 30, 50, 100})
     assert experiments.trajectory_key(experiments.TUNED_MLP) is None
+
+
+def test_reuse_finds_runs_saved_before_a_knob_existed(tmp_path: Path) -> None:
+    """--reuse compares configs with defaults filled in: a run written before `ema` and `precision`
+    existed is the same run as today's config, and a different setting is not."""
+    cfg = experiments.run_config(experiments.ann(), "loss-bce-s0", "loss", argparse.Namespace(
+        runs_dir=tmp_path, quick=False, data_dir=tmp_path / "data"))
+    old = {k: v for k, v in cfg.model_dump(mode="json").items() if k not in ("ema", "precision")}
+    run = tmp_path / "loss" / "loss-bce-s0"
+    run.mkdir(parents=True)
+    (run / "metrics.json").write_text(json.dumps({"config": old}))
+    (run / "best.pt").write_bytes(b"x")
+    found = experiments.finished_runs(tmp_path)
+    assert experiments.same_as(cfg.model_dump(mode="json")) in found
+    assert experiments.same_as(cfg.model_copy(update={"lr": 1e-4}).model_dump(mode="json")) not in found

@@ -212,8 +212,10 @@ def shared_data(cfg: TrainConfig) -> dict[str, Any]:
 
 def same_as(config: dict[str, Any]) -> str:
     """What makes two runs the same run: the config without its name, where it is written and what
-    only its finishing step adds (the OOD gate changes no weight and no study measure)."""
-    return json.dumps({k: v for k, v in config.items() if k not in ("name", "out_dir", "progress", "ood_gate")},
+    only its finishing step adds (the OOD gate changes no weight and no study measure). A run saved
+    before a knob existed has that knob's default: validating fills it in, so the run still matches."""
+    full = TrainConfig.model_validate(config).model_dump(mode="json")
+    return json.dumps({k: v for k, v in full.items() if k not in ("name", "out_dir", "progress", "ood_gate")},
                       sort_keys=True)
 
 
