@@ -170,3 +170,8 @@ def test_reuse_finds_runs_saved_before_a_knob_existed(tmp_path: Path) -> None:
     found = experiments.finished_runs(tmp_path)
     assert experiments.same_as(cfg.model_dump(mode="json")) in found
     assert experiments.same_as(cfg.model_copy(update={"lr": 1e-4}).model_dump(mode="json")) not in found
+    future = tmp_path / "loss" / "loss-bce-s1"  # written by a version with a knob this one lacks
+    future.mkdir()
+    (future / "metrics.json").write_text(json.dumps({"config": old | {"seed": 1, "knob_from_the_future": 1}}))
+    (future / "best.pt").write_bytes(b"x")
+    assert len(experiments.finished_runs(tmp_path)) == 2

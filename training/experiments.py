@@ -35,6 +35,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from pydantic import ValidationError
 
 from handlers import constants as C
 from training import distributed
@@ -214,7 +215,10 @@ def same_as(config: dict[str, Any]) -> str:
     """What makes two runs the same run: the config without its name, where it is written and what
     only its finishing step adds (the OOD gate changes no weight and no study measure). A run saved
     before a knob existed has that knob's default: validating fills it in, so the run still matches."""
-    full = TrainConfig.model_validate(config).model_dump(mode="json")
+    try:
+        full = TrainConfig.model_validate(config).model_dump(mode="json")
+    except ValidationError:  # a knob this version does not know: never the same run as one of ours
+        full = config
     return json.dumps({k: v for k, v in full.items() if k not in ("name", "out_dir", "progress", "ood_gate")},
                       sort_keys=True)
 
