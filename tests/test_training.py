@@ -15,7 +15,7 @@ from training import experiments
 from training.checkpoint import load_checkpoint
 from training.metrics import binary_metrics
 from training.models import ARCHS, arch_args, build_model
-from training.train import TrainConfig, ema_step, load_data, predict, train
+from training.train import TrainConfig, ema_step, load_data, make_criterion, predict, train, training_loss
 
 
 def tiny_config(data_dir: Path, out_dir: Path, **kw: Any) -> TrainConfig:
@@ -48,6 +48,21 @@ def test_same_seed_same_run(data_dir: Path, tiny_data: dict[str, Any], tiny_run:
     drop = {"seconds"}
     assert [{k: v for k, v in h.items() if k not in drop} for h in first["history"]] == \
         [{k: v for k, v in h.items() if k not in drop} for h in second["history"]]
+
+
+def test_bf16_training_repeats_and_differs_from_fp32(data_dir: Path, tiny_data: dict[str, Any],
+                                                    tmp_path: Path) -> None:
+    """precision=bf16 runs the training forward pass under autocast: the weights differ from the fp32
+    run's (it is engaged), the same seed gives the same weights (reproducible), and the checkpoint
+    holds float32 weights (evaluation and export stay fp32)."""
+    states = [torch.load(train(tiny_config(data_dir, tmp_path / str(i), precision="bf16", epochs=1),
+                               tiny_data)["checkpoint"], weights_only=True)["state_dict"] for i in range(2)]
+    first_conv = "features.0.weight"
+    assert states[0][first_conv].dtype == torch.float32
+    assert all(torch.equal(v, states[1][k]) for k, v in states[0].items())
+    fp32_one_epoch = torch.load(train(tiny_config(data_dir, tmp_path / "fp32", epochs=1), tiny_data)["checkpoint"],
+                                weights_only=True)["state_dict"]
+    assert not torch.equal(states[0][first_conv], fp32_one_epoch[first_conv])
 
 
 def test_another_seed_another_run(data_dir: Path, tiny_data: dict[str, Any], tiny_run: dict,
@@ -152,6 +167,44 @@ def test_xraynet_blocks_of_several_convolutions() -> None:
             torch.testing.assert_close(model.forward_head(feats), model(x))
     with pytest.raises(ValueError, match="convs"):
         build_model("xraynet", "bce", 64, {"convs": [1, 1, 0, 1, 1]})
+
+
+def packed(singles: list[torch.nn.Module], args: dict[str, Any], head: str = "bce") -> torch.nn.Module:
+    """An XrayNet of len(SINGLES) members holding exactly those networks' weights."""
+    ens = build_model("xraynet", head, 64, args | {"members": len(singles)})
+    state = ens.state_dict()
+    for value, *parts in zip(state.values(), *(m.state_dict().values() for m in singles), strict=True):
+        if value.dim():  # per-member tensors are stacked along the output channels; the 1x1 head is a conv
+            value.copy_(torch.cat([p.reshape(-1, *value.shape[1:]) for p in parts]))
+    return ens
+
+
+@pytest.mark.parametrize("head", ["bce", "ce"])
+def test_members_are_independent_networks(head: str) -> None:
+    """members=2 is two XrayNets side by side: served, the mean of their logits; in training each takes
+    its own loss, so every weight gets the gradient it would get alone (halved: the loss is their mean)."""
+    args = {"convs": [1, 1, 1, 2, 2], "dropout": 0.0}
+    torch.manual_seed(0)
+    singles = [build_model("xraynet", head, 64, args) for _ in range(2)]
+    ens = packed(singles, args, head)
+    x, y = torch.randn(6, 1, 64, 64), torch.tensor([0, 1, 1, 0, 1, 1])
+    with torch.no_grad():
+        expected = (singles[0].eval()(x) + singles[1].eval()(x)) / 2
+        torch.testing.assert_close(ens.eval()(x), expected)
+        torch.testing.assert_close(ens.forward_head(ens.forward_features(x)), expected)
+    cfg = TrainConfig(arch="xraynet", head=head)
+    criterion = make_criterion(cfg, y)
+    loss, logits = training_loss(criterion, ens.train()(x), y, cfg)
+    assert logits.shape == expected.shape
+    loss.backward()
+    for m in singles:
+        m.train()
+        training_loss(criterion, m(x), y, cfg)[0].backward()
+    alone = packed(singles, args, head)  # a model to hold the singles' gradients, stacked
+    for p_ens, p_alone, grads in zip(ens.parameters(), alone.parameters(),
+                                     zip(*(m.parameters() for m in singles), strict=True), strict=True):
+        stacked = torch.cat([g.grad.reshape(-1, *p_alone.shape[1:]) for g in grads])
+        torch.testing.assert_close(p_ens.grad, stacked / 2, rtol=1e-4, atol=1e-6)
 
 
 def result(name: str, val_auc: float, val_bal: float, test_auc: float) -> dict[str, Any]:

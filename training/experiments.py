@@ -64,6 +64,7 @@ TUNED = dict(optimizer="adamw", weight_decay=1e-4, scheduler="cosine", balance="
 TUNED_MLP = TUNED | dict(arch="mlp", input_size=64, epochs=15)
 # Issue 17 (docs/experiments.md, "xraynet: tuning"): two convolutions in the last two blocks (nearly free
 # at 16x16 and 8x8), 20 epochs, and an EMA of the weights, which is what is validated and shipped.
+# Measured and not kept (the same section): members=2 (a packed pair), precision="bf16", 176 px.
 XRAYNET = TUNED | dict(arch="xraynet", head="bce", input_size=128, epochs=20, ema=0.995,
                        arch_args={"convs": [1, 1, 1, 2, 2]})
 

@@ -4,7 +4,9 @@
     bn_mlp   deeper MLP: [Linear, BatchNorm1d, ReLU, Dropout] x 4 -> Linear
     cnn      course CNN: 3 x [Conv 32 3x3, ReLU, MaxPool p] -> FC 32 -> out
     gap_cnn  the same conv stack -> AdaptiveAvgPool2d(1) -> FC 32 -> out
-    xraynet  ours: 5 x [[Conv 3x3, BatchNorm, ReLU] x convs, MaxPool 2], 8..128 channels -> GAP -> out
+    xraynet  ours: 5 x [[Conv 3x3, BatchNorm, ReLU] x convs, MaxPool 2], 8..128 channels -> GAP -> out;
+             members=M packs M independent copies side by side (grouped convolutions) and averages
+             their logits: an ensemble that is still one network, one graph, one set of taps
 """
 
 from __future__ import annotations
@@ -71,32 +73,56 @@ class CourseCNN(nn.Module):
         return self.head(self.pool(features))
 
 
+class MemberMean(nn.Module):
+    """[N, M * n_out] member logits -> their mean [N, n_out]; in training, [N, M, n_out] (each member
+    takes its own loss, so the members train as independent networks would)."""
+
+    def __init__(self, members: int) -> None:
+        super().__init__()
+        self.members = members
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.reshape(x.shape[0], self.members, -1)
+        return x if self.training else x.mean(1)
+
+
 class XrayNet(nn.Module):
     """Our small CNN: BatchNorm conv blocks halve the side and double the width, then GAP.
     CONVS gives each block's number of 3x3 convolutions (default one each): depth where the maps
-    are small is cheap."""
+    are small is cheap. MEMBERS > 1 makes it an ensemble of that many such networks, as one module:
+    every layer after the first is grouped by member, so no member sees another's channels, and the
+    output is the members' mean logit."""
 
     def __init__(self, input_size: int, n_out: int, widths: tuple[int, ...] = (8, 16, 32, 64, 128),
-                 dropout: float = 0.2, convs: tuple[int, ...] | None = None) -> None:
+                 dropout: float = 0.2, convs: tuple[int, ...] | None = None, members: int = 1) -> None:
         super().__init__()
         if input_size < 2 ** len(widths):
             raise ValueError(f"input {input_size} px is too small for {len(widths)} blocks")
         convs = tuple(convs) if convs is not None else (1,) * len(widths)
         if len(convs) != len(widths) or min(convs) < 1:
             raise ValueError(f"convs {convs} must give each of the {len(widths)} blocks at least one convolution")
+        if members < 1:
+            raise ValueError(f"members must be at least 1, not {members}")
+        m = members
         blocks: list[nn.Module] = []
-        c_in, cam_split = 1, 0
+        c_in, cam_split = 0, 0  # channels per member; 0: the image's one channel, which every member reads
         for i, (w, n) in enumerate(zip(widths, convs, strict=True)):
             for _ in range(n):
-                blocks += [nn.Conv2d(c_in, w, 3, padding=1, bias=False), nn.BatchNorm2d(w), nn.ReLU(inplace=True)]
+                conv = nn.Conv2d(m * c_in, m * w, 3, padding=1, bias=False, groups=m) if c_in else \
+                    nn.Conv2d(1, m * w, 3, padding=1, bias=False)  # M separate convolutions of the image
+                blocks += [conv, nn.BatchNorm2d(m * w), nn.ReLU(inplace=True)]
                 c_in = w
             blocks.append(nn.MaxPool2d(2))
             if i < 3:
                 cam_split = len(blocks)
         self.features = nn.Sequential(*blocks)
         self.cam_split: Final[int] = cam_split  # the layers up to the end of block 3
-        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Dropout(dropout),
-                                  nn.Linear(c_in, n_out))
+        if m == 1:
+            self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Dropout(dropout),
+                                      nn.Linear(c_in, n_out))
+        else:  # a 1x1 grouped convolution on the pooled channels is one linear head per member
+            self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Dropout(dropout),
+                                      nn.Conv2d(m * c_in, m * n_out, 1, groups=m), nn.Flatten(), MemberMean(m))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(x))

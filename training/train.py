@@ -61,6 +61,8 @@ class TrainConfig(BaseModel):
     augment: bool = True
     ema: float = Field(default=0.0, ge=0, lt=1, description="EMA decay of the weights per step; 0 = off")
     label_smoothing: float = Field(default=0.0, ge=0, lt=1)
+    precision: Literal["fp32", "bf16"] = Field(
+        default="fp32", description="training forward pass under bfloat16 autocast; evaluation stays fp32")
     select: Literal["roc_auc", "balanced_accuracy", "accuracy", "loss"] = "roc_auc"
     patience: int = Field(default=0, ge=0, description="early-stopping patience in epochs; 0 = off")
     tune_threshold: bool = True
@@ -174,6 +176,18 @@ def ema_step(decay: float) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor
     return avg
 
 
+def training_loss(criterion: torch.nn.Module, logits: torch.Tensor, y: torch.Tensor,
+                  cfg: TrainConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """The loss of a training batch, and the logits its accuracy is read from. An ensemble in training
+    gives [N, members, out]: every member is scored against the labels on its own (the mean of their
+    losses), so each learns as it would alone; its accuracy is the mean logit's, as served."""
+    if logits.dim() == 3:
+        members = logits.shape[1]
+        return criterion(logits.flatten(0, 1), loss_target(cfg, y.repeat_interleave(members), smooth=True)), \
+            logits.mean(1)
+    return criterion(logits, loss_target(cfg, y, smooth=True)), logits
+
+
 def train_one_epoch(model: torch.nn.Module, criterion: torch.nn.Module, optimizer: torch.optim.Optimizer,
                     split: datalib.Split, cfg: TrainConfig, generator: torch.Generator, epoch: int = 1,
                     d: distributed.Dist | None = None, ema: AveragedModel | None = None) -> dict[str, float]:
@@ -196,8 +210,9 @@ def train_one_epoch(model: torch.nn.Module, criterion: torch.nn.Module, optimize
         if cfg.augment:
             x = datalib.augment(x, generator)
         x, y = x.to(d.device), y.to(d.device)
-        logits = model(x)
-        loss = criterion(logits, loss_target(cfg, y, smooth=True))
+        with torch.autocast(d.device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16"):
+            logits = model(x)
+        loss, logits = training_loss(criterion, logits.float(), y, cfg)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
