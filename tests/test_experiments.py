@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 import torch
 
+from tests.helpers import run_cli
 from training import experiments
 from training.models import build_model, count_parameters
 
@@ -175,3 +176,22 @@ def test_reuse_finds_runs_saved_before_a_knob_existed(tmp_path: Path) -> None:
     (future / "metrics.json").write_text(json.dumps({"config": old | {"seed": 1, "knob_from_the_future": 1}}))
     (future / "best.pt").write_bytes(b"x")
     assert len(experiments.finished_runs(tmp_path)) == 2
+
+
+def test_every_course_study_runs_quick(data_dir: Path, tmp_path: Path) -> None:
+    """`make experiments QUICK=1`, as CI runs it (~30 s): every course study trains its CI-sized grid and
+    gets a table row per setting, its curves, and a published section; the default set is not published."""
+    reports, docs = tmp_path / "reports", tmp_path / "docs"
+    run_cli("training.experiments", "--study", "all", "--quick", "--data-dir", str(data_dir),
+            "--runs-dir", str(tmp_path / "runs"), "--reports-dir", str(reports), "--best-dir", str(tmp_path / "best"))
+    studies = json.loads((reports / "experiments.json").read_text())["studies"]
+    assert sorted(studies) == sorted(experiments.COURSE_STUDIES)
+    md = experiments.publish(reports, docs).read_text()
+    for study, entry in studies.items():
+        assert entry["quick"] and len(entry["results"]) >= 1, study
+        assert all(len(r["history"]) == r["epochs_run"] >= 1 for r in entry["results"]), study
+        assert f"## {study} (quick, CI-sized)" in md, study
+        for setting in {r["setting"] for r in entry["results"]}:
+            assert f"| {setting} |" in md, setting
+        assert (docs / "plots" / f"{study}_curves.png").stat().st_size > 1000, study
+    assert "## default" not in md
