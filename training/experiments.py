@@ -42,7 +42,7 @@ from training import distributed
 from training.models import build_model
 from training.plots import plot_study_curves
 from training.sources import default_data_dir
-from training.train import TrainConfig, load_data, loss_target, make_criterion, make_optimizer, predict, train
+from training.train import TrainConfig, load_data, make_criterion, make_optimizer, predict, train, training_loss
 
 # The course's profile: Adam, constant LR 1e-3, batch 32, no weight decay, no class weights, no
 # augmentation; the last epoch's weights are the result (no early stopping). No OOD gate: never served.
@@ -254,7 +254,7 @@ def cpu_timings(checkpoint: str, cfg: TrainConfig, data: dict[str, Any], steps: 
     for i, idx in enumerate(batches):
         if i == 1:  # the first step allocates optimiser state: not steady-state cost
             t0 = time.process_time()
-        loss = criterion(model(train_split.x[idx]), loss_target(cfg, train_split.y[idx]))
+        loss, _ = training_loss(criterion, model(train_split.x[idx]), train_split.y[idx], cfg)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -557,12 +557,11 @@ def render(studies: dict[str, dict[str, Any]], written: dict[str, str] | None = 
 def published_sections(text: str) -> dict[str, tuple[str, str]]:
     """A published report's studies: {study: (its index line, its whole section)}."""
     index = {m[1]: m[0] for m in re.finditer(r"^- \[(\w+)\]\(#\w+\).*$", text, re.M)}
-    parts = re.split(r"^(?=## )", text, flags=re.M)
     out = {}
-    for part in parts[1:]:
-        study = part[3:].split(maxsplit=1)[0] if part[3:].strip() else ""
-        if study in STUDIES and study in index:
-            out[study] = (index[study], part)
+    for part in re.split(r"^(?=## )", text, flags=re.M)[1:]:
+        study = re.match(r"## (\w+)", part)
+        if study and study[1] in STUDIES and study[1] in index:
+            out[study[1]] = (index[study[1]], part)
     return out
 
 
