@@ -25,10 +25,10 @@ from typing import Any
 from handlers import constants as C
 from serving import launcher, proccpu
 from serving.load import load_bodies, write_json, wrk_level
-from serving.settings import ServeSettings, read_keys
+from serving.settings import PORT_FIELDS, ServeSettings, port_settings, read_keys
 from training.sources import default_data_dir
 
-PORTS_PER_SIDE = 5
+PORTS_PER_SIDE = len(PORT_FIELDS)
 
 
 def parse_assignments(items: list[str]) -> dict[str, Any]:
@@ -46,9 +46,8 @@ def parse_assignments(items: list[str]) -> dict[str, Any]:
 
 
 def side_settings(root: Path, ports: list[int], store: Path, overrides: dict[str, Any]) -> ServeSettings:
-    return ServeSettings(inference_port=ports[0], metrics_port=ports[1], grpc_inference_port=ports[2],
-                         grpc_management_port=ports[3], initial_worker_port=ports[4], model_store=store,
-                         state_dir=root / "state", log_dir=root / "logs", **overrides).resolved()
+    return ServeSettings(**port_settings(ports), model_store=store, state_dir=root / "state", log_dir=root / "logs",
+                         **overrides).resolved()
 
 
 def slice_cpu(s: ServeSettings, token: str | None, bodies: list[bytes], concurrency: int,

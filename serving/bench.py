@@ -47,7 +47,7 @@ from serving import launcher, limit, openloop, proccpu
 from serving import profile as prof
 from serving.client import XrayClient, XrayError
 from serving.load import batch_counts, endpoint_level, load_bodies, wrk_level
-from serving.settings import ServeSettings, token
+from serving.settings import PORT_FIELDS, ServeSettings, port_settings, token
 from training.sources import default_data_dir
 
 DEFAULT_ONNX = C.EXPORT_DIR / f"{C.DEFAULT_FAMILY}{C.MODEL_SUFFIX['onnxruntime']}"
@@ -389,8 +389,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                 setattr(args, k, v)
     given: dict[str, Any] = {"state_dir": args.state_dir} if args.state_dir else {}
     if args.port_base:
-        given |= dict(zip(("inference_port", "metrics_port", "grpc_inference_port", "grpc_management_port",
-                           "initial_worker_port"), range(args.port_base, args.port_base + 5), strict=True))
+        given |= port_settings(range(args.port_base, args.port_base + len(PORT_FIELDS)))
     settings = ServeSettings(**given).resolved()
     args.settings = settings
     args.url = args.url or settings.inference_url

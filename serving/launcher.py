@@ -27,7 +27,7 @@ from handlers import torchserve
 from handlers.constants import MODEL_NAME, REPO_ROOT
 from handlers.schemas import Prediction
 from serving import readiness, supervisor
-from serving.settings import ServeSettings, read_keys
+from serving.settings import PORT_FIELDS, ServeSettings, read_keys
 
 
 class LaunchError(RuntimeError):
@@ -160,8 +160,7 @@ def status(s: ServeSettings) -> str:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("command", choices=["start", "stop", "status", "supervise"])
-    for name in ("inference_port", "metrics_port", "grpc_inference_port", "grpc_management_port",
-                 "initial_worker_port"):
+    for name in PORT_FIELDS:
         p.add_argument("--" + name.replace("_", "-"), type=int)
     p.add_argument("--host")
     p.add_argument("--model-store", type=Path)

@@ -21,6 +21,7 @@ import os
 import platform
 import time
 import zipfile
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Literal
 
@@ -44,6 +45,14 @@ LOGGERS = (("ACCESS_LOG", "info", "access_log"), ("MODEL_LOG", "info", "model_lo
 ROUTINE_MESSAGES = ("Sending response for jobId", "result=", "Looping backend response at", "Backend response time")
 ROUTINE_FILTER = ('<RegexFilter regex="^(' + "|".join(m.replace(" ", "\\s") for m in ROUTINE_MESSAGES)
                   + ').*" useRawMsg="true" onMatch="DENY" onMismatch="NEUTRAL"/>')
+
+# The server's ports, in the order a port base numbers them (bench, abtest) and the launcher takes them.
+PORT_FIELDS = ("inference_port", "metrics_port", "grpc_inference_port", "grpc_management_port", "initial_worker_port")
+
+
+def port_settings(ports: Sequence[int]) -> dict[str, int]:
+    """PORT_FIELDS given PORTS in that order, e.g. range(base, base + len(PORT_FIELDS))."""
+    return dict(zip(PORT_FIELDS, ports, strict=True))
 
 
 class ServeSettings(BaseModel):
